@@ -1,0 +1,106 @@
+package kafka
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/troupedev/troupe/broker"
+	"github.com/troupedev/troupe/message"
+)
+
+// Publish sends msgs to topic and returns once every in-sync replica has
+// them. It creates topic if it is missing.
+//
+// Each message becomes one record in CloudEvents binary mode: its attributes
+// are "ce_" headers and its data is the record value. The record key is the
+// message's Subject (its ID when Subject is empty), so the messages of one
+// subject share a partition and keep their order.
+//
+// When some messages fail, Publish returns a *[broker.PublishError] naming
+// them; the others were accepted. After [Broker.Close] it returns
+// [broker.ErrClosed].
+func (b *Broker) Publish(ctx context.Context, topic string, msgs ...*message.Message) error {
+	if b.isClosed() {
+		return broker.ErrClosed
+	}
+	return b.publish(ctx, topic, msgs...)
+}
+
+// publish is Publish without the closed check, for dead-lettering while the
+// broker closes its subscriptions.
+func (b *Broker) publish(ctx context.Context, topic string, msgs ...*message.Message) error {
+	if topic == "" {
+		return errors.New("kafka: publish: topic is required")
+	}
+	if len(msgs) == 0 {
+		return nil
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("kafka: publish to %q: %w", topic, err)
+	}
+	if err := b.ensureTopic(ctx, topic); err != nil {
+		return b.closedOr(err)
+	}
+
+	failed := make(map[int]error)
+	records := make([]*kgo.Record, 0, len(msgs))
+	index := make([]int, 0, len(msgs)) // index[i] is the batch index of records[i]
+	for i, m := range msgs {
+		r, err := newRecord(topic, m)
+		if err != nil {
+			failed[i] = err
+			continue
+		}
+		records = append(records, r)
+		index = append(index, i)
+	}
+	if len(records) > 0 {
+		results := b.client.ProduceSync(ctx, records...)
+		for i, res := range results {
+			if res.Err != nil {
+				failed[index[i]] = b.closedOr(res.Err)
+			}
+		}
+	}
+	if len(failed) > 0 {
+		return &broker.PublishError{Topic: topic, Failed: failed, Total: len(msgs)}
+	}
+	return nil
+}
+
+// newRecord encodes m as a record for topic.
+func newRecord(topic string, m *message.Message) (*kgo.Record, error) {
+	if m == nil {
+		return nil, errors.New("kafka: nil message")
+	}
+	headers, value, err := message.Kafka.Encode(m)
+	if err != nil {
+		return nil, fmt.Errorf("kafka: message %q: %w", m.ID, err)
+	}
+	key := m.Subject
+	if key == "" {
+		key = m.ID
+	}
+	r := &kgo.Record{
+		Topic:   topic,
+		Key:     []byte(key),
+		Value:   value,
+		Headers: make([]kgo.RecordHeader, len(headers)),
+	}
+	for i, h := range headers {
+		r.Headers[i] = kgo.RecordHeader{Key: h.Key, Value: []byte(h.Value)}
+	}
+	return r, nil
+}
+
+// closedOr returns err, or broker.ErrClosed wrapping it when the client was
+// closed under the call.
+func (b *Broker) closedOr(err error) error {
+	if errors.Is(err, kgo.ErrClientClosed) {
+		return fmt.Errorf("%w: %w", broker.ErrClosed, err)
+	}
+	return err
+}

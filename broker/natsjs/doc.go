@@ -1,0 +1,63 @@
+// Package natsjs is Troupe's NATS JetStream broker: a [broker.Broker] that
+// runs on a server embedded in the process by default, or on a remote NATS
+// server or cluster in production.
+//
+// # Embedded or remote
+//
+// With [Config].URL empty, [New] starts a NATS server inside the process,
+// keeping JetStream's files in [Config].DataDir, and connects to it without
+// a socket. Set [Config].ListenAddr to let other processes and the nats
+// command line tool connect too, and pass [Broker.Server] as [Config].Server
+// to let other brokers in the process share the server. With URL set, New
+// connects to that server and checks that it has JetStream, failing within
+// [Config].ConnectTimeout with an error naming the URL.
+//
+// # Topics and streams
+//
+// A topic is a NATS subject, stored in a stream of its own, created on first
+// use with limits retention (every consumer group reads every message; they
+// expire after [Config].MaxAge) and file storage. Topic and group names are
+// dot-separated tokens of letters, digits, '-' and '_' (valid on Kafka too).
+// Stream names cannot contain '.', so the stream of a topic is its name with
+// '.' written '_', '_' written "-_" and '-' written "--": one stream per
+// topic, never shared by accident ("shop.order-created" is stored in stream
+// "shop_order--created"). If a stream already captures the topic's subject,
+// such as one an operator made for "shop.>", the broker uses it instead.
+//
+// Messages travel in binary mode, in the CloudEvents NATS binding
+// ([message.NATS]), with the message id as Nats-Msg-Id: the server drops a
+// message re-published within [Config].DedupWindow, so a relay that retries
+// a batch after a crash publishes nothing twice.
+//
+// # Consumer groups
+//
+// A group is a durable pull consumer on the topic's stream, named like a
+// stream after the group, with explicit acks. Its position lives in the
+// server, so it survives restarts of the consumer and of the server, and the
+// members of a group share its messages. The subscription fetches batches,
+// calls the handler, and then acks, naks with a delay, or dead-letters each
+// message. It counts attempts with the server's delivery count and
+// dead-letters a message itself after MaxDeliver attempts, including one
+// whose last attempt crashed.
+//
+// Order: a group with one member receives each subject's messages in publish
+// order. Members of one group pull from the same consumer, so with several
+// members two messages of one subject can be handled at the same time by
+// different members; and a Nak'ed message comes back after its delay, behind
+// later messages. Handlers that need strict per-subject order run one member
+// per group, or check versions (the inbox and the event store do).
+//
+// Acks are sent without waiting for the server's reply: an ack that is lost
+// with the connection only means the message is delivered again after
+// AckWait, which at-least-once delivery allows. Stop and Close flush the
+// connection, so the acks of a stopped subscription have reached the server.
+//
+// # Durability
+//
+// Publish returns once the server has written the messages to its store. On
+// the embedded server a process crash loses nothing acknowledged; an
+// operating system crash can lose what was written since the last fsync
+// (every two minutes by default) unless [Config].SyncAlways is set. A
+// clustered server with [Config].Replicas 3 acknowledges once a majority has
+// the message.
+package natsjs
