@@ -1,0 +1,233 @@
+// Package bench runs Troupe's user-facing benchmarks (`troupe bench NAME`)
+// and reports throughput and latency percentiles beside the configuration
+// that produced them.
+package bench
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"runtime"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Config is what every benchmark accepts. Benchmarks ignore fields that do
+// not apply to them and say so in their result's Notes.
+type Config struct {
+	// DB is the database kind: "sqlite" or "postgres". Default "sqlite".
+	DB string `json:"db"`
+	// PostgresURL is the server to use with DB "postgres". Empty starts a
+	// throwaway cluster from the installed PostgreSQL binaries.
+	PostgresURL string `json:"-"`
+	// Broker is "nats" (embedded), "nats://host:port", "kafka" (in-process
+	// cluster) or "kafka://host:port[,host:port]". Default "nats".
+	Broker string `json:"broker"`
+	// Duration is how long the measured phase runs. Default 5s.
+	Duration time.Duration `json:"-"`
+	// Concurrency is the number of concurrent workers. Default 4.
+	Concurrency int `json:"concurrency"`
+	// Batch is the number of operations per batch, where a benchmark
+	// batches. Default 100.
+	Batch int `json:"batch"`
+	// DataDir holds the benchmark's files; empty uses a temporary directory
+	// removed afterwards.
+	DataDir string `json:"-"`
+	// Progress receives progress lines; nil discards them.
+	Progress io.Writer `json:"-"`
+}
+
+// WithDefaults returns cfg with unset fields given their defaults.
+func (cfg Config) WithDefaults() Config {
+	if cfg.DB == "" {
+		cfg.DB = "sqlite"
+	}
+	if cfg.Broker == "" {
+		cfg.Broker = "nats"
+	}
+	if cfg.Duration <= 0 {
+		cfg.Duration = 5 * time.Second
+	}
+	if cfg.Concurrency <= 0 {
+		cfg.Concurrency = 4
+	}
+	if cfg.Batch <= 0 {
+		cfg.Batch = 100
+	}
+	if cfg.Progress == nil {
+		cfg.Progress = io.Discard
+	}
+	return cfg
+}
+
+// Validate reports every problem with cfg at once.
+func (cfg Config) Validate() error {
+	var errs []string
+	if cfg.DB != "sqlite" && cfg.DB != "postgres" {
+		errs = append(errs, fmt.Sprintf("--db %q: want sqlite or postgres", cfg.DB))
+	}
+	if cfg.PostgresURL != "" && cfg.DB != "postgres" {
+		errs = append(errs, "--postgres needs --db postgres")
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("bench: %s", strings.Join(errs, "; "))
+	}
+	return nil
+}
+
+// Result is one benchmark's outcome. Its JSON form is the last line of
+// `troupe bench --json`.
+type Result struct {
+	// Name is the benchmark's name.
+	Name string `json:"name"`
+	// Ops is the number of completed operations in the measured phase.
+	Ops int64 `json:"ops"`
+	// Errors is the number of failed operations.
+	Errors int64 `json:"errors"`
+	// Seconds is the measured phase's length.
+	Seconds float64 `json:"seconds"`
+	// ThroughputPerS is Ops / Seconds.
+	ThroughputPerS float64 `json:"throughput_per_s"`
+	// P50Ms, P90Ms, P99Ms and MaxMs are latency percentiles in milliseconds.
+	P50Ms float64 `json:"p50_ms"`
+	P90Ms float64 `json:"p90_ms"`
+	P99Ms float64 `json:"p99_ms"`
+	MaxMs float64 `json:"max_ms"`
+	// Unit names what one operation is ("message", "saga", ...).
+	Unit string `json:"unit"`
+	// Latency says what the latency measures.
+	Latency string `json:"latency"`
+	// Config is the configuration that produced the figures.
+	Config Config `json:"config"`
+	// Duration is Config.Duration as text.
+	Duration string `json:"duration"`
+	// GOMAXPROCS and NumCPU describe the machine's parallelism.
+	GOMAXPROCS int `json:"gomaxprocs"`
+	NumCPU     int `json:"num_cpu"`
+	// GoVersion is the runtime's version.
+	GoVersion string `json:"go_version"`
+	// Notes holds anything else needed to read the figures (storage mode,
+	// sync settings, fields of Config that did not apply).
+	Notes []string `json:"notes,omitempty"`
+}
+
+// Benchmark is one runnable benchmark.
+type Benchmark struct {
+	// Name is the name used on the command line.
+	Name string
+	// Summary is one line for `troupe bench` without a name.
+	Summary string
+	// Run performs the benchmark.
+	Run func(ctx context.Context, cfg Config) (*Result, error)
+}
+
+// Run runs b with cfg (defaults applied) and fills in the common fields of
+// its result.
+func Run(ctx context.Context, b Benchmark, cfg Config) (*Result, error) {
+	cfg = cfg.WithDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	r, err := b.Run(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("bench %s: %w", b.Name, err)
+	}
+	r.Name = b.Name
+	r.Config = cfg
+	r.Duration = cfg.Duration.String()
+	r.GOMAXPROCS = runtime.GOMAXPROCS(0)
+	r.NumCPU = runtime.NumCPU()
+	r.GoVersion = runtime.Version()
+	if r.Seconds > 0 {
+		r.ThroughputPerS = float64(r.Ops) / r.Seconds
+	}
+	return r, nil
+}
+
+// Recorder collects latency samples from concurrent workers.
+type Recorder struct {
+	mu      sync.Mutex
+	samples []time.Duration
+	errors  int64
+}
+
+// Observe records one operation's latency.
+func (r *Recorder) Observe(d time.Duration) {
+	r.mu.Lock()
+	r.samples = append(r.samples, d)
+	r.mu.Unlock()
+}
+
+// ObserveN records n operations that shared one latency (a batch).
+func (r *Recorder) ObserveN(d time.Duration, n int) {
+	r.mu.Lock()
+	for range n {
+		r.samples = append(r.samples, d)
+	}
+	r.mu.Unlock()
+}
+
+// Error counts one failed operation.
+func (r *Recorder) Error() {
+	r.mu.Lock()
+	r.errors++
+	r.mu.Unlock()
+}
+
+// Fill sets r's counts and percentiles on res, for a measured phase of
+// elapsed.
+func (r *Recorder) Fill(res *Result, elapsed time.Duration) {
+	r.mu.Lock()
+	s := slices.Clone(r.samples)
+	res.Errors = r.errors
+	r.mu.Unlock()
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	res.Ops = int64(len(s))
+	res.Seconds = elapsed.Seconds()
+	res.P50Ms = ms(percentile(s, 0.50))
+	res.P90Ms = ms(percentile(s, 0.90))
+	res.P99Ms = ms(percentile(s, 0.99))
+	if len(s) > 0 {
+		res.MaxMs = ms(s[len(s)-1])
+	}
+}
+
+// percentile returns the q-quantile of sorted samples (nearest rank).
+func percentile(sorted []time.Duration, q float64) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(q*float64(len(sorted))+0.5) - 1
+	i = max(0, min(i, len(sorted)-1))
+	return sorted[i]
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// WriteTable writes r for people: a small aligned table.
+func WriteTable(w io.Writer, r *Result) {
+	fmt.Fprintf(w, "%-18s %s\n", "benchmark", r.Name)
+	fmt.Fprintf(w, "%-18s %d %ss in %.2fs (%d errors)\n", "completed", r.Ops, r.Unit, r.Seconds, r.Errors)
+	fmt.Fprintf(w, "%-18s %.0f %ss/s\n", "throughput", r.ThroughputPerS, r.Unit)
+	fmt.Fprintf(w, "%-18s p50 %.2f ms   p90 %.2f ms   p99 %.2f ms   max %.2f ms\n", "latency", r.P50Ms, r.P90Ms, r.P99Ms, r.MaxMs)
+	fmt.Fprintf(w, "%-18s %s\n", "latency measures", r.Latency)
+	fmt.Fprintf(w, "%-18s db=%s broker=%s duration=%s concurrency=%d batch=%d GOMAXPROCS=%d CPUs=%d %s\n",
+		"configuration", r.Config.DB, r.Config.Broker, r.Duration, r.Config.Concurrency, r.Config.Batch, r.GOMAXPROCS, r.NumCPU, r.GoVersion)
+	for _, n := range r.Notes {
+		fmt.Fprintf(w, "%-18s %s\n", "note", n)
+	}
+}
+
+// WriteJSON writes r as one line of JSON.
+func WriteJSON(w io.Writer, r *Result) error {
+	b, err := json.Marshal(r)
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(w, "%s\n", b)
+	return err
+}

@@ -1,0 +1,139 @@
+// Package cli implements the troupe command. Commands write to the writers
+// they are given, so they can be tested; main only wires them to the process.
+package cli
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"runtime/debug"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/troupedev/troupe/internal/bench"
+	"github.com/troupedev/troupe/internal/demo"
+)
+
+const usage = `troupe keeps data consistent across services that each own a database.
+
+Usage:
+  troupe demo [flags]          run the demo on embedded defaults (SQLite, embedded NATS JetStream)
+  troupe bench [NAME] [flags]  run a benchmark; without NAME, list them
+  troupe version               print the version
+
+Run "troupe COMMAND -h" for a command's flags.
+`
+
+// Main runs the troupe command with args (without the program name) and
+// returns the process exit code.
+func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	var err error
+	switch args[0] {
+	case "demo":
+		err = runDemo(ctx, args[1:], stdout, stderr)
+	case "bench":
+		err = runBench(ctx, args[1:], stdout, stderr)
+	case "version":
+		fmt.Fprintln(stdout, "troupe", version())
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+	default:
+		fmt.Fprintf(stderr, "troupe: unknown command %q\n\n%s", args[0], usage)
+		return 2
+	}
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "troupe %s: %v\n", args[0], err)
+		return 1
+	}
+	return 0
+}
+
+func version() string {
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
+		return bi.Main.Version
+	}
+	return "(devel)"
+}
+
+func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("troupe demo", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var cfg demo.Config
+	fs.StringVar(&cfg.DataDir, "data-dir", "", "keep the demo's databases and broker files here (default: a temporary directory, removed at the end)")
+	fs.IntVar(&cfg.Orders, "orders", 1000, "how many orders the demo places")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
+	}
+	cfg.Out = stdout
+	return demo.Run(ctx, cfg)
+}
+
+func benchmarks() map[string]bench.Benchmark {
+	m := map[string]bench.Benchmark{}
+	for _, b := range []bench.Benchmark{bench.Broker(), bench.Commit()} {
+		m[b.Name] = b
+	}
+	return m
+}
+
+func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	all := benchmarks()
+	if len(args) == 0 || strings.HasPrefix(args[0], "-") && (args[0] == "-h" || args[0] == "--help") {
+		names := make([]string, 0, len(all))
+		for n := range all {
+			names = append(names, n)
+		}
+		sort.Strings(names)
+		fmt.Fprintln(stdout, "Usage: troupe bench NAME [--db sqlite|postgres] [--postgres URL] [--broker SPEC] [--duration D] [--concurrency N] [--batch N] [--json]")
+		fmt.Fprintln(stdout, "\nBenchmarks:")
+		for _, n := range names {
+			fmt.Fprintf(stdout, "  %-10s %s\n", n, all[n].Summary)
+		}
+		return nil
+	}
+	b, ok := all[args[0]]
+	if !ok {
+		return fmt.Errorf("unknown benchmark %q (run \"troupe bench\" for the list)", args[0])
+	}
+	fs := flag.NewFlagSet("troupe bench "+b.Name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var cfg bench.Config
+	var asJSON bool
+	fs.StringVar(&cfg.DB, "db", "sqlite", "database: sqlite or postgres")
+	fs.StringVar(&cfg.PostgresURL, "postgres", "", "PostgreSQL URL for --db postgres (default: start a throwaway cluster from the installed binaries)")
+	fs.StringVar(&cfg.Broker, "broker", "nats", "broker: nats (embedded), nats://HOST:PORT, kafka (in-process cluster), kafka://HOST:PORT[,...]")
+	fs.DurationVar(&cfg.Duration, "duration", 5*time.Second, "length of the measured phase")
+	fs.IntVar(&cfg.Concurrency, "concurrency", 4, "concurrent workers")
+	fs.IntVar(&cfg.Batch, "batch", 100, "operations per batch, where the benchmark batches")
+	fs.StringVar(&cfg.DataDir, "data-dir", "", "directory for the benchmark's files (default: a temporary directory)")
+	fs.BoolVar(&asJSON, "json", false, "print the result as one JSON object on the last line")
+	if err := fs.Parse(args[1:]); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
+	}
+	cfg.Progress = stderr
+	res, err := bench.Run(ctx, b, cfg)
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		return bench.WriteJSON(stdout, res)
+	}
+	bench.WriteTable(stdout, res)
+	return nil
+}
