@@ -34,6 +34,11 @@ type Config struct {
 	// Batch is the number of operations per batch, where a benchmark
 	// batches. Default 100.
 	Batch int `json:"batch"`
+	// Rate is the total operations per second offered across all workers,
+	// where a benchmark paces itself; 0 runs as fast as possible. With a
+	// rate, latency is measured from when each batch was due, so a stall
+	// counts against every batch it delayed.
+	Rate int `json:"rate"`
 	// DataDir holds the benchmark's files; empty uses a temporary directory
 	// removed afterwards.
 	DataDir string `json:"-"`
@@ -69,6 +74,9 @@ func (cfg Config) Validate() error {
 	var errs []string
 	if cfg.DB != "sqlite" && cfg.DB != "postgres" {
 		errs = append(errs, fmt.Sprintf("--db %q: want sqlite or postgres", cfg.DB))
+	}
+	if cfg.Rate < 0 {
+		errs = append(errs, fmt.Sprintf("--rate %d: want 0 (as fast as possible) or a positive rate", cfg.Rate))
 	}
 	if cfg.PostgresURL != "" && cfg.DB != "postgres" {
 		errs = append(errs, "--postgres needs --db postgres")
@@ -215,8 +223,12 @@ func WriteTable(w io.Writer, r *Result) {
 	fmt.Fprintf(w, "%-18s %.0f %ss/s\n", "throughput", r.ThroughputPerS, r.Unit)
 	fmt.Fprintf(w, "%-18s p50 %.2f ms   p90 %.2f ms   p99 %.2f ms   max %.2f ms\n", "latency", r.P50Ms, r.P90Ms, r.P99Ms, r.MaxMs)
 	fmt.Fprintf(w, "%-18s %s\n", "latency measures", r.Latency)
-	fmt.Fprintf(w, "%-18s db=%s broker=%s duration=%s concurrency=%d batch=%d GOMAXPROCS=%d CPUs=%d %s\n",
-		"configuration", r.Config.DB, r.Config.Broker, r.Duration, r.Config.Concurrency, r.Config.Batch, r.GOMAXPROCS, r.NumCPU, r.GoVersion)
+	rate := "max"
+	if r.Config.Rate > 0 {
+		rate = fmt.Sprintf("%d/s", r.Config.Rate)
+	}
+	fmt.Fprintf(w, "%-18s db=%s broker=%s duration=%s concurrency=%d batch=%d rate=%s GOMAXPROCS=%d CPUs=%d %s\n",
+		"configuration", r.Config.DB, r.Config.Broker, r.Duration, r.Config.Concurrency, r.Config.Batch, rate, r.GOMAXPROCS, r.NumCPU, r.GoVersion)
 	for _, n := range r.Notes {
 		fmt.Fprintf(w, "%-18s %s\n", "note", n)
 	}
@@ -230,4 +242,41 @@ func WriteJSON(w io.Writer, r *Result) error {
 	}
 	_, err = fmt.Fprintf(w, "%s\n", b)
 	return err
+}
+
+// Pacer spaces one worker's batches so that all workers together offer
+// cfg.Rate operations per second. Without a rate it never waits.
+type Pacer struct {
+	interval time.Duration
+	next     time.Time
+}
+
+// NewPacer returns the pacer of one of cfg.Concurrency workers sending
+// batches of cfg.Batch, starting at start.
+func NewPacer(cfg Config, start time.Time) *Pacer {
+	p := &Pacer{next: start}
+	if cfg.Rate > 0 {
+		p.interval = time.Duration(float64(time.Second) * float64(cfg.Batch*cfg.Concurrency) / float64(cfg.Rate))
+	}
+	return p
+}
+
+// Wait waits until the next batch is due and returns when it was due: the
+// time to measure its latency from. It returns false when ctx ends first.
+func (p *Pacer) Wait(ctx context.Context) (due time.Time, ok bool) {
+	if p.interval == 0 {
+		return time.Now(), ctx.Err() == nil
+	}
+	due = p.next
+	p.next = p.next.Add(p.interval)
+	if d := time.Until(due); d > 0 {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return due, false
+		}
+	}
+	return due, ctx.Err() == nil
 }

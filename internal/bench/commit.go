@@ -51,12 +51,16 @@ func runCommit(ctx context.Context, cfg Config) (*Result, error) {
 	for w := range cfg.Concurrency {
 		wg.Go(func() {
 			args := make([]any, 0, 3*cfg.Batch)
-			for time.Now().Before(deadline) && ctx.Err() == nil {
+			pace := NewPacer(cfg, start)
+			for time.Now().Before(deadline) {
+				due, ok := pace.Wait(ctx)
+				if !ok || !due.Before(deadline) {
+					return
+				}
 				args = args[:0]
 				for range cfg.Batch {
 					args = append(args, message.NewID(), w, `{"amount":1}`)
 				}
-				t0 := time.Now()
 				err := db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
 					_, err := tx.Exec(ctx, insert, args...)
 					return err
@@ -65,7 +69,7 @@ func runCommit(ctx context.Context, cfg Config) (*Result, error) {
 					rec.Error()
 					continue
 				}
-				rec.ObserveN(time.Since(t0), cfg.Batch)
+				rec.ObserveN(time.Since(due), cfg.Batch)
 			}
 		})
 	}

@@ -44,6 +44,7 @@ func TestBench_JSONReportsFiguresAndConfiguration(t *testing.T) {
 		{"broker on embedded NATS", []string{"bench", "broker", "--broker", "nats", "--duration", "500ms", "--concurrency", "2", "--batch", "50", "--json", "--data-dir", t.TempDir()}},
 		{"broker on the Kafka protocol", []string{"bench", "broker", "--broker", "kafka", "--duration", "500ms", "--concurrency", "2", "--batch", "50", "--json"}},
 		{"commit on SQLite", []string{"bench", "commit", "--db", "sqlite", "--duration", "300ms", "--concurrency", "2", "--batch", "10", "--json", "--data-dir", t.TempDir()}},
+		{"broker paced by --rate", []string{"bench", "broker", "--duration", "500ms", "--concurrency", "2", "--batch", "10", "--rate", "2000", "--json", "--data-dir", t.TempDir()}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			code, out, errOut := run(t, tc.args...)
@@ -106,6 +107,7 @@ func TestBadInput_ClearErrors(t *testing.T) {
 		{"unknown benchmark", []string{"bench", "nope"}, 1, `unknown benchmark "nope"`},
 		{"unknown broker", []string{"bench", "broker", "--broker", "rabbit://x", "--duration", "10ms"}, 1, `unknown broker "rabbit://x"`},
 		{"unknown db", []string{"bench", "commit", "--db", "oracle"}, 1, `--db "oracle": want sqlite or postgres`},
+		{"negative rate", []string{"bench", "commit", "--rate", "-5"}, 1, `--rate -5`},
 		{"unreachable postgres", []string{"bench", "commit", "--db", "postgres", "--postgres", "postgres://postgres@127.0.0.1:1/x?connect_timeout=2"}, 1, "127.0.0.1:1"},
 		{"unreachable nats", []string{"bench", "broker", "--broker", "nats://127.0.0.1:1", "--duration", "10ms"}, 1, "127.0.0.1:1"},
 	} {
@@ -125,5 +127,23 @@ func TestBench_ListsBenchmarks(t *testing.T) {
 	code, out, _ := run(t, "bench")
 	if code != 0 || !strings.Contains(out, "broker") || !strings.Contains(out, "commit") {
 		t.Fatalf("exit %d, output:\n%s", code, out)
+	}
+}
+
+// With --rate the benchmark offers that load rather than running flat out:
+// the publishers cannot exceed it.
+func TestBench_RateLimitsOfferedLoad(t *testing.T) {
+	code, out, errOut := run(t, "bench", "broker", "--duration", "1s", "--concurrency", "2", "--batch", "10", "--rate", "500", "--json", "--data-dir", t.TempDir())
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut)
+	}
+	v := lastJSON(t, out)
+	// 500/s for 1s is at most 500 messages (plus a batch per worker at the
+	// edge); a flat-out run sends tens of thousands.
+	if ops, _ := v["ops"].(float64); ops <= 0 || ops > 520 {
+		t.Errorf("ops = %v at --rate 500 for 1s, want at most 520", ops)
+	}
+	if cfg, _ := v["config"].(map[string]any); cfg["rate"] != float64(500) {
+		t.Errorf("config.rate = %v, want 500", cfg["rate"])
 	}
 }
