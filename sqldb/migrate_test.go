@@ -8,6 +8,7 @@ import (
 	"testing"
 	"testing/fstest"
 
+	"github.com/troupedev/troupe/internal/pgtest"
 	"github.com/troupedev/troupe/sqldb"
 )
 
@@ -355,5 +356,53 @@ func TestLoadMigrations_DialectsHaveTheSameVersions(t *testing.T) {
 	}
 	if names(sqlite) != names(postgres) {
 		t.Errorf("sqlite %s, postgres %s", names(sqlite), names(postgres))
+	}
+}
+
+// TestMigrate_ConcurrentUnderRepeatableReadDefault: a server (or database)
+// whose default isolation is REPEATABLE READ must not make concurrent
+// migrations fail: each migration still reads, after taking its lock, what
+// the holder before it committed.
+func TestMigrate_ConcurrentUnderRepeatableReadDefault_Postgres(t *testing.T) {
+	u := pgtest.URL(t)
+	if strings.Contains(u, "?") {
+		u += "&"
+	} else {
+		u += "?"
+	}
+	u += "default_transaction_isolation=repeatable%20read"
+	migs := []sqldb.Migration{
+		{Version: 1, Name: "a", SQL: "CREATE TABLE a (x int)"},
+		{Version: 2, Name: "b", SQL: "CREATE TABLE b (x int)"},
+	}
+	const processes = 6
+	ctx := testCtx(t)
+	dbs := make([]*sqldb.DB, processes)
+	for i := range dbs {
+		dbs[i] = open(t, u, nil)
+	}
+	var iso string
+	if err := dbs[0].QueryRow(ctx, "SHOW default_transaction_isolation").Scan(&iso); err != nil {
+		t.Fatal(err)
+	}
+	if iso != "repeatable read" {
+		t.Fatalf("default_transaction_isolation = %q, the test needs repeatable read", iso)
+	}
+	errs := make(chan error, processes)
+	start := make(chan struct{})
+	for _, db := range dbs {
+		go func() {
+			<-start
+			errs <- db.Migrate(ctx, "iso", migs)
+		}()
+	}
+	close(start)
+	for range processes {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+	if n := len(appliedVersions(t, dbs[0], "iso")); n != 2 {
+		t.Errorf("%d versions recorded, want 2", n)
 	}
 }

@@ -109,7 +109,10 @@ func FromPgx(tx pgx.Tx) Tx {
 // lock fn's own transaction holds, and a nested InTx on the same DB fails.
 func (db *DB) InTx(ctx context.Context, fn func(ctx context.Context, tx Tx) error) error {
 	if db.pool != nil {
-		ptx, err := db.pool.Begin(ctx)
+		// READ COMMITTED whatever the server's default_transaction_isolation:
+		// Migrate relies on reading, after taking its lock, what the holder
+		// before it committed.
+		ptx, err := db.pool.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.ReadCommitted})
 		if err != nil {
 			return fmt.Errorf("sqldb: begin transaction: %w", err)
 		}
