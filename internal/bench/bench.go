@@ -105,6 +105,13 @@ type Result struct {
 	P90Ms float64 `json:"p90_ms"`
 	P99Ms float64 `json:"p99_ms"`
 	MaxMs float64 `json:"max_ms"`
+	// OfferedPerS is the rate asked for with --rate; 0 when unpaced.
+	OfferedPerS float64 `json:"offered_per_s,omitempty"`
+	// OmittedOps counts operations that were due before the end of a paced
+	// run but never started, because the system could not keep up: the
+	// offered rate was not reached, and their latency is missing from the
+	// percentiles.
+	OmittedOps int64 `json:"omitted_ops,omitempty"`
 	// Unit names what one operation is ("message", "saga", ...).
 	Unit string `json:"unit"`
 	// Latency says what the latency measures.
@@ -145,6 +152,9 @@ func Run(ctx context.Context, b Benchmark, cfg Config) (*Result, error) {
 		return nil, fmt.Errorf("bench %s: %w", b.Name, err)
 	}
 	r.Name = b.Name
+	if cfg.Rate > 0 {
+		r.OfferedPerS = float64(cfg.Rate)
+	}
 	r.Config = cfg
 	r.Duration = cfg.Duration.String()
 	r.GOMAXPROCS = runtime.GOMAXPROCS(0)
@@ -161,6 +171,14 @@ type Recorder struct {
 	mu      sync.Mutex
 	samples []time.Duration
 	errors  int64
+	omitted int64
+}
+
+// Omit counts n operations that were due but never started.
+func (r *Recorder) Omit(n int) {
+	r.mu.Lock()
+	r.omitted += int64(n)
+	r.mu.Unlock()
 }
 
 // Observe records one operation's latency.
@@ -192,6 +210,7 @@ func (r *Recorder) Fill(res *Result, elapsed time.Duration) {
 	r.mu.Lock()
 	s := slices.Clone(r.samples)
 	res.Errors = r.errors
+	res.OmittedOps = r.omitted
 	r.mu.Unlock()
 	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
 	res.Ops = int64(len(s))
@@ -221,6 +240,9 @@ func WriteTable(w io.Writer, r *Result) {
 	fmt.Fprintf(w, "%-18s %s\n", "benchmark", r.Name)
 	fmt.Fprintf(w, "%-18s %d %ss in %.2fs (%d errors)\n", "completed", r.Ops, r.Unit, r.Seconds, r.Errors)
 	fmt.Fprintf(w, "%-18s %.0f %ss/s\n", "throughput", r.ThroughputPerS, r.Unit)
+	if r.OfferedPerS > 0 {
+		fmt.Fprintf(w, "%-18s %.0f %ss/s offered; %d due but never started (not in the percentiles)\n", "rate", r.OfferedPerS, r.Unit, r.OmittedOps)
+	}
 	fmt.Fprintf(w, "%-18s p50 %.2f ms   p90 %.2f ms   p99 %.2f ms   max %.2f ms\n", "latency", r.P50Ms, r.P90Ms, r.P99Ms, r.MaxMs)
 	fmt.Fprintf(w, "%-18s %s\n", "latency measures", r.Latency)
 	rate := "max"
@@ -259,6 +281,15 @@ func NewPacer(cfg Config, start time.Time) *Pacer {
 		p.interval = time.Duration(float64(time.Second) * float64(cfg.Batch*cfg.Concurrency) / float64(cfg.Rate))
 	}
 	return p
+}
+
+// Missed returns how many batches fell due before deadline but were never
+// sent: the worker stopped behind its schedule.
+func (p *Pacer) Missed(deadline time.Time) int {
+	if p.interval == 0 || !p.next.Before(deadline) {
+		return 0
+	}
+	return int((deadline.Sub(p.next) + p.interval - 1) / p.interval)
 }
 
 // Wait waits until the next batch is due and returns when it was due: the

@@ -80,6 +80,7 @@ func runBroker(ctx context.Context, cfg Config) (*Result, error) {
 	for w := range cfg.Concurrency {
 		wg.Go(func() {
 			pace := NewPacer(cfg, start.Add(time.Duration(w)*time.Millisecond))
+			defer func() { rec.Omit(pace.Missed(deadline) * cfg.Batch) }()
 			for time.Now().Before(deadline) {
 				due, ok := pace.Wait(ctx)
 				if !ok || !due.Before(deadline) {

@@ -27,14 +27,14 @@ func openDB(ctx context.Context, cfg Config, dir string) (*benchDB, error) {
 		if err != nil {
 			return nil, err
 		}
-		return &benchDB{db: db, description: "SQLite file " + path + " (WAL, synchronous=NORMAL)", close: func() { db.Close() }}, nil
+		return &benchDB{db: db, description: "SQLite file " + path + " (WAL, synchronous=NORMAL: a commit is durable against a process crash, not a power loss; no fsync per commit)", close: func() { db.Close() }}, nil
 	}
 	if cfg.PostgresURL != "" {
 		db, err := sqldb.Open(ctx, cfg.PostgresURL, nil)
 		if err != nil {
 			return nil, err
 		}
-		return &benchDB{db: db, description: "PostgreSQL at the given URL", close: func() { db.Close() }}, nil
+		return &benchDB{db: db, description: "PostgreSQL at the given URL (its own fsync and synchronous_commit settings)", close: func() { db.Close() }}, nil
 	}
 	fmt.Fprintln(cfg.Progress, "starting a throwaway PostgreSQL cluster (fsync on) ...")
 	cl, err := pgcluster.Start(ctx, pgcluster.Config{})
@@ -48,7 +48,7 @@ func openDB(ctx context.Context, cfg Config, dir string) (*benchDB, error) {
 	}
 	return &benchDB{
 		db:          db,
-		description: fmt.Sprintf("throwaway PostgreSQL cluster on 127.0.0.1:%d (fsync on)", cl.Port()),
+		description: fmt.Sprintf("throwaway PostgreSQL cluster on 127.0.0.1:%d (fsync on, synchronous_commit on: each commit waits for its WAL flush)", cl.Port()),
 		close: func() {
 			db.Close()
 			cl.Stop(context.WithoutCancel(ctx))

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -59,7 +60,7 @@ func Open(ctx context.Context, spec, dataDir string, log *slog.Logger) (*Opened,
 		if err != nil {
 			return nil, err
 		}
-		return &Opened{Broker: b, Description: "NATS JetStream at " + spec, close: b.Close}, nil
+		return &Opened{Broker: b, Description: "NATS JetStream at " + redact(spec), close: b.Close}, nil
 	case spec == "kafka":
 		c, err := kfake.NewCluster(kfake.NumBrokers(3), kfake.AllowAutoTopicCreation())
 		if err != nil {
@@ -88,4 +89,14 @@ func Open(ctx context.Context, spec, dataDir string, log *slog.Logger) (*Opened,
 		return &Opened{Broker: b, Description: "Kafka at " + strings.Join(addrs, ","), close: b.Close}, nil
 	}
 	return nil, fmt.Errorf("%w %q: use %s", ErrUnknownSpec, spec, Usage)
+}
+
+// redact returns the URL spec with any password replaced, for descriptions
+// that end up in reports.
+func redact(spec string) string {
+	u, err := url.Parse(spec)
+	if err != nil {
+		return "(unparsable URL)"
+	}
+	return u.Redacted()
 }

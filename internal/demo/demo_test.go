@@ -29,7 +29,7 @@ func TestDemo_RunsEveryStepOnEmbeddedDefaults(t *testing.T) {
 		"[2/5] order-history view (SQLite): 300 orders",
 		"redelivered after 200ms and applied once",
 		`went to "shop.orders.dlq" with its reason: "order-history cannot read shop.order.placed`,
-		"read all 302 events from the start: nothing lost",
+		"read all 302 events from the start, each once: nothing lost",
 		"[5/5] the order-history group resumed where it stopped: 10 new orders applied",
 	} {
 		if !strings.Contains(out.String(), want) {
