@@ -34,6 +34,16 @@ type Subscriber interface {
 	// after a Nak's delay, or once AckWait passes without settlement (for
 	// example when the consumer crashed). After MaxDeliver attempts the
 	// message goes to the dead-letter topic.
+	//
+	// The subscription runs until its Stop, the broker's Close, or the end
+	// of ctx, whichever comes first; pass a context that lives as long as
+	// the subscription should, not one scoped to a request or with a
+	// timeout meant for setting up. When ctx ends, the subscription stops
+	// fetching and cancels the context of the handler call in flight;
+	// once that call returns, its deliveries are settled as the handler
+	// settled them (those it left unsettled are redelivered to the group
+	// later) and the subscription's goroutines end. A later Stop then
+	// returns promptly.
 	Subscribe(ctx context.Context, cfg SubscribeConfig, h Handler) (Subscription, error)
 }
 

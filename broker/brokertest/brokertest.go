@@ -64,6 +64,7 @@ func Run(t *testing.T, newBroker Factory, f Features) {
 		{"RepublishedID", s.testRepublishedID},
 		{"StopWaitsForHandlerAndSettles", s.testStopWaitsForHandlerAndSettles},
 		{"StopHonoursContext", s.testStopHonoursContext},
+		{"ContextEndStopsSubscription", s.testContextEndStopsSubscription},
 		{"CloseIsClean", s.testCloseIsClean},
 		{"PublishAfterCloseFails", s.testPublishAfterCloseFails},
 		{"PublishNothingIsNoop", s.testPublishNothingIsNoop},
@@ -142,8 +143,8 @@ func (s *suite) name(t *testing.T, kind string) string {
 // the test ends.
 func (s *suite) subscribe(t *testing.T, b broker.Broker, cfg broker.SubscribeConfig, h broker.Handler) broker.Subscription {
 	t.Helper()
-	// The context lives as long as the test: the contract leaves open
-	// whether a subscription outlives the context it was started with.
+	// The subscription ends with the test's context at the latest; the
+	// cleanup's Stop then returns at once.
 	sub, err := b.Subscribe(t.Context(), cfg, h)
 	if err != nil {
 		t.Fatalf("Subscribe(topic %q, group %q): %v", cfg.Topic, cfg.Group, err)

@@ -138,6 +138,96 @@ func (s *suite) testStopHonoursContext(t *testing.T) {
 	releaseOnce.Do(func() { close(release) })
 }
 
+// testContextEndStopsSubscription: ending the context passed to Subscribe
+// cancels the context of the handler call in flight and ends the
+// subscription: the handler is not called again, a later Stop returns
+// without error, what was acked stays acked, and the message the cut-short
+// call left unsettled is delivered to the group's next subscription.
+func (s *suite) testContextEndStopsSubscription(t *testing.T) {
+	b := s.open(t)
+	topic, group := s.name(t, "t"), s.name(t, "g")
+	cfg := broker.SubscribeConfig{Topic: topic, Group: group, MaxBatch: 1, NakDelay: 50 * time.Millisecond}
+	// One subject: acked is handled, and its ack settled, before cut.
+	acked, cut := newMessage("s", 0), newMessage("s", 1)
+
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	calls := make(chan string, 16)
+	ended := make(chan error, 1)
+	release := make(chan struct{}) // frees a handler the broker never cancels
+	sub, err := b.Subscribe(ctx, cfg, func(hctx context.Context, batch []*broker.Delivery) {
+		for _, d := range batch {
+			calls <- d.Msg.ID
+			if d.Msg.ID != cut.ID {
+				d.Ack()
+				continue
+			}
+			select { // cut stays unsettled
+			case <-hctx.Done():
+				ended <- hctx.Err()
+			case <-release:
+			}
+		}
+	})
+	if err != nil {
+		t.Fatalf("Subscribe(topic %q, group %q): %v", topic, group, err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+		defer cancel()
+		_ = sub.Stop(ctx)
+	})
+	var releaseOnce sync.Once
+	t.Cleanup(func() { releaseOnce.Do(func() { close(release) }) })
+
+	publish(t, b, topic, acked, cut)
+	var seen []string
+	for len(seen) < 2 {
+		select {
+		case id := <-calls:
+			seen = append(seen, id)
+		case <-time.After(waitTimeout):
+			t.Fatalf("handler not called with both messages within %v; saw %v", waitTimeout, seen)
+		}
+	}
+	if seen[0] != acked.ID || seen[1] != cut.ID {
+		t.Fatalf("handler saw %v, want [%s %s]", seen, acked.ID, cut.ID)
+	}
+
+	cancel()
+	select {
+	case err := <-ended:
+		if !errors.Is(err, context.Canceled) {
+			t.Errorf("handler context ended with %v, want context.Canceled", err)
+		}
+	case <-time.After(waitTimeout):
+		t.Fatalf("handler context not canceled within %v of the Subscribe context ending", waitTimeout)
+	}
+	stop(t, sub)
+	select {
+	case id := <-calls:
+		t.Errorf("handler called again, with %s, after the Subscribe context ended", id)
+	default:
+	}
+
+	// The next subscription of the group gets cut, counted as delivered
+	// once already, and not acked: per-subject order would bring acked
+	// before cut, had its ack been lost.
+	in := newInbox()
+	s.subscribe(t, b, cfg, acking(in))
+	all := in.waitIDs(t, "the message left unsettled when the context ended", []*message.Message{cut})
+	for _, g := range all {
+		switch g.msg.ID {
+		case acked.ID:
+			t.Errorf("message acked before the context ended was delivered again (attempt %d)", g.attempt)
+		case cut.ID:
+			if g.attempt < 2 {
+				t.Errorf("message cut short by the context's end redelivered with Attempt %d, want at least 2", g.attempt)
+			}
+		}
+	}
+}
+
 // testCloseIsClean: Close stops running subscriptions and returns nil, and a
 // second Close and a Stop after Close return without hanging.
 func (s *suite) testCloseIsClean(t *testing.T) {

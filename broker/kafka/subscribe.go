@@ -38,8 +38,12 @@ const fetchMaxWait = 500 * time.Millisecond
 // documentation describes how each part of the contract maps onto Kafka,
 // including why cfg.AckWait is not used.
 //
-// The subscription's handler context ends when the broker closes, or when
-// Stop's context ends before the handler returns.
+// The subscription runs until Stop, [Broker.Close] or the end of ctx. When
+// ctx ends, it stops polling and cancels the handler's context, which
+// carries ctx's values; once the handler returns, the subscription settles
+// its deliveries, commits what is settled and leaves the group, and a later
+// Stop returns at once. The handler's context also ends when the broker
+// closes, or when Stop's context ends before the handler returns.
 func (b *Broker) Subscribe(ctx context.Context, cfg broker.SubscribeConfig, h broker.Handler) (broker.Subscription, error) {
 	cfg = cfg.WithDefaults()
 	err := cfg.Validate()
@@ -56,6 +60,10 @@ func (b *Broker) Subscribe(ctx context.Context, cfg broker.SubscribeConfig, h br
 		if err := b.ensureTopic(ctx, topic); err != nil {
 			return nil, b.closedOr(err)
 		}
+	}
+	if err := ctx.Err(); err != nil {
+		// The topics were known: nothing above noticed.
+		return nil, fmt.Errorf("kafka: subscribe to %q as %q: %w", cfg.Topic, cfg.Group, err)
 	}
 
 	s := &subscription{
@@ -93,8 +101,10 @@ func (b *Broker) Subscribe(ctx context.Context, cfg broker.SubscribeConfig, h br
 		s.client.Close()
 		return nil, broker.ErrClosed
 	}
-	s.pollCtx, s.stopPolling = context.WithCancel(context.Background())
-	s.handlerCtx, s.cancelHandler = context.WithCancel(context.Background())
+	// Polling and the handler end with ctx; commits and dead letters do
+	// not, so that what the handler settled is acted on after ctx ends.
+	s.pollCtx, s.stopPolling = context.WithCancel(ctx)
+	s.handlerCtx, s.cancelHandler = context.WithCancel(ctx)
 	s.ioCtx, s.cancelIO = context.WithCancel(context.Background())
 	b.subs[s] = struct{}{}
 	b.mu.Unlock()
@@ -111,11 +121,11 @@ type subscription struct {
 	client *kgo.Client
 	log    *slog.Logger
 
-	pollCtx       context.Context // ends when the subscription stops polling
+	pollCtx       context.Context // ends when the subscription stops polling, or Subscribe's ctx ends
 	stopPolling   context.CancelFunc
-	handlerCtx    context.Context // passed to the handler
+	handlerCtx    context.Context // passed to the handler; ends with Subscribe's ctx too
 	cancelHandler context.CancelFunc
-	ioCtx         context.Context // commits and dead-letter publishes
+	ioCtx         context.Context // commits and dead-letter publishes; outlives Subscribe's ctx
 	cancelIO      context.CancelFunc
 
 	closeOnce sync.Once
@@ -195,12 +205,15 @@ func (s *subscription) closeClient() {
 }
 
 // run polls, hands batches to the handler and settles them until the
-// subscription stops.
+// subscription stops, then commits, leaves the group and lets go of the
+// broker: once Subscribe's ctx has ended, nothing else waits for it.
 func (s *subscription) run() {
+	defer s.b.forget(s) // after done is closed, so that Close still waits for run
 	defer close(s.done)
 	defer s.closeClient()
 	defer s.cancelIO()
 	defer s.cancelHandler()
+	defer s.stopPolling() // releases pollCtx's hold on Subscribe's ctx
 	for {
 		ctx, cancel := s.pollCtx, context.CancelFunc(func() {})
 		if wait := s.resumeDue(time.Now()); wait > 0 {

@@ -2,6 +2,7 @@ package kafka_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strconv"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/troupedev/troupe/broker"
@@ -63,6 +65,130 @@ func TestSubscribe_CommitsOnlyAfterHandling(t *testing.T) {
 	for _, d := range all {
 		if i, _ := strconv.Atoi(d.data); i < k {
 			t.Errorf("acked message %d delivered again to the group's next subscription", i)
+		}
+	}
+}
+
+// TestSubscribe_ContextEndCommitsSettledAndLeavesGroup: when Subscribe's
+// context ends during a handler call, the acks the handler makes after
+// seeing its context canceled are committed, the rest of the batch is not,
+// and the member leaves the group on its own; Stop then has nothing left to
+// do.
+func TestSubscribe_ContextEndCommitsSettledAndLeavesGroup(t *testing.T) {
+	t.Parallel()
+	const n, k = 10, 4
+	c := newCluster(t)
+	b := newBroker(t, c)
+	topic, group := "orders", "billing"
+	msgs := numbered("order-1", n)
+	publish(t, b, topic, msgs...)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	entered := make(chan struct{}, 1)
+	ended := make(chan error, 1)
+	sub, err := b.Subscribe(ctx, broker.SubscribeConfig{Topic: topic, Group: group}, func(hctx context.Context, batch []*broker.Delivery) {
+		holdsK := slices.ContainsFunc(batch, func(d *broker.Delivery) bool { return string(d.Msg.Data) == strconv.Itoa(k) })
+		if holdsK {
+			select {
+			case entered <- struct{}{}:
+			default:
+			}
+			<-hctx.Done()
+			select {
+			case ended <- hctx.Err():
+			default:
+			}
+		}
+		for _, d := range batch {
+			if i, _ := strconv.Atoi(string(d.Msg.Data)); i < k {
+				d.Ack()
+			} // the others are left unsettled
+		}
+	})
+	if err != nil {
+		t.Fatalf("Subscribe: %v", err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = sub.Stop(ctx) // cancels the handler's context if nothing else did
+	})
+	select {
+	case <-entered:
+	case <-time.After(20 * time.Second):
+		t.Fatalf("handler not called with message %d within 20s", k)
+	}
+
+	cancel()
+	select {
+	case err := <-ended:
+		if !errors.Is(err, context.Canceled) {
+			t.Errorf("handler context ended with %v, want context.Canceled", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("handler context not canceled within 20s of the Subscribe context ending")
+	}
+	waitForEmptyGroup(t, c, group)
+
+	offs := committed(t, c, group, topic)
+	if len(offs) != 1 {
+		t.Fatalf("committed offsets = %v, want one partition (one subject)", offs)
+	}
+	for p, o := range offs {
+		if o.At != k || o.Metadata != "troupe.attempts=1" {
+			t.Errorf("partition %d committed at %d with metadata %q, want %d with %q: records before %d were acked, %d once delivered",
+				p, o.At, o.Metadata, k, "troupe.attempts=1", k, k)
+		}
+	}
+	start := time.Now()
+	stop(t, sub)
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("Stop after the subscription ended took %v", d)
+	}
+}
+
+// TestSubscribe_EndedContextFails: Subscribe with a context that has already
+// ended reports the context's error, even when the topics are known and it
+// has nothing to ask the cluster, instead of returning a subscription that
+// is over before it starts.
+func TestSubscribe_EndedContextFails(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t)
+	b := newBroker(t, c)
+	cfg := broker.SubscribeConfig{Topic: "orders", Group: "billing"}
+	subscribe(t, b, cfg, newCollector().acking()) // the topics are known now
+
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	sub, err := b.Subscribe(ctx, cfg, newCollector().acking())
+	if !errors.Is(err, context.Canceled) {
+		t.Errorf("Subscribe with an ended context = %v, want context.Canceled", err)
+	}
+	if sub != nil {
+		t.Errorf("Subscribe with an ended context returned a subscription")
+		stop(t, sub)
+	}
+}
+
+// waitForEmptyGroup waits until group has no members.
+func waitForEmptyGroup(t *testing.T, c *kfake.Cluster, group string) {
+	t.Helper()
+	adm := kadm.NewClient(rawClient(t, c))
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	deadline := time.After(20 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		groups, err := adm.DescribeGroups(ctx, group)
+		cancel()
+		if g, ok := groups[group]; err == nil && ok && g.Err == nil && len(g.Members) == 0 {
+			return
+		}
+		select {
+		case <-tick.C:
+		case <-deadline:
+			t.Fatalf("group %q still has members after 20s: %+v (%v)", group, groups[group], err)
 		}
 	}
 }
