@@ -208,9 +208,12 @@ func (b Binding) decodeValue(v string) (string, error) {
 // a missing or unsupported specversion, a missing id, source or type, a
 // repeated attribute, an extension name that is not lower-case a-z and 0-9,
 // a time that is not RFC 3339, a NATS value with broken percent-encoding,
-// or any other breach of [Message.Validate]'s rules. Input over the size
-// limit (default [DefaultMaxSize], see [MaxSize]), counting the body and
-// every header's key and value, yields one wrapping [ErrTooLarge].
+// a header value that is not valid UTF-8 (as it arrives, or for NATS once
+// percent-decoded; it is refused, never repaired), or any other breach of
+// [Message.Validate]'s rules. The body is bytes and may hold anything.
+// Input over the size limit (default [DefaultMaxSize], see [MaxSize]),
+// counting the body and every header's key and value, yields one wrapping
+// [ErrTooLarge].
 func (b Binding) Decode(headers []Header, body []byte, opts ...DecodeOption) (*Message, error) {
 	if b != NATS && b != Kafka {
 		return nil, b.errUnknown()

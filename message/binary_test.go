@@ -314,9 +314,30 @@ func TestBinding_DecodeRejectsBadInputNamingTheField(t *testing.T) {
 		{"control character", message.Kafka, func(p string) []message.Header {
 			return append(valid(p), message.Header{Key: p + "subject", Value: "a\r\nb"})
 		}, "subject", "control character"},
-		{"invalid UTF-8", message.Kafka, func(p string) []message.Header {
+		{"invalid UTF-8", 0, func(p string) []message.Header {
 			return append(valid(p), message.Header{Key: p + "subject", Value: "a\xff"})
-		}, "subject", "UTF-8"},
+		}, "subject", "not valid UTF-8"},
+		{"invalid UTF-8 in id", 0, func(p string) []message.Header {
+			return append(without(valid(p), "id"), message.Header{Key: p + "id", Value: "a\xfeb"})
+		}, "id", "not valid UTF-8"},
+		{"encoded surrogate in an extension value", 0, func(p string) []message.Header {
+			return append(valid(p), message.Header{Key: p + "tenant", Value: "\xed\xa0\x80"})
+		}, "tenant", "not valid UTF-8"},
+		{"invalid UTF-8 in correlationid", 0, func(p string) []message.Header {
+			return append(valid(p), message.Header{Key: p + "correlationid", Value: "\xc0\xaf"})
+		}, "correlationid", "not valid UTF-8"},
+		{"invalid UTF-8 in content-type", 0, func(p string) []message.Header {
+			return append(valid(p), message.Header{Key: "content-type", Value: "text/\xff"})
+		}, "datacontenttype", "not valid UTF-8"},
+		{"invalid UTF-8 in a quoted value", message.NATS, func(p string) []message.Header {
+			return append(valid(p), message.Header{Key: p + "subject", Value: "\"a\xff\""})
+		}, "subject", "not valid UTF-8"},
+		{"percent-encoded invalid UTF-8 in an extension value", message.NATS, func(p string) []message.Header {
+			return append(valid(p), message.Header{Key: p + "tenant", Value: "acme%FF"})
+		}, "tenant", "UTF-8"},
+		{"percent-encoded surrogate in id", message.NATS, func(p string) []message.Header {
+			return append(without(valid(p), "id"), message.Header{Key: p + "id", Value: "%ED%A0%80"})
+		}, "id", "UTF-8"},
 		{"percent-encoded control character", message.NATS, func(p string) []message.Header {
 			return append(valid(p), message.Header{Key: p + "subject", Value: "a%0Ab"})
 		}, "subject", "control character"},

@@ -47,5 +47,8 @@
 // first problem as a [*DecodeError] naming the attribute at fault. Every
 // DecodeError matches [ErrMalformed] with errors.Is, and one for oversized
 // input also matches [ErrTooLarge]; a consumer dead-letters such a message
-// with the error as its reason rather than retrying it.
+// with the error as its reason rather than retrying it. Text is never
+// repaired: an attribute that is not valid UTF-8 is refused, not given
+// U+FFFD in place of its bad bytes, so two different ids cannot decode to
+// one id that an inbox would then take for a duplicate.
 package message

@@ -23,7 +23,8 @@ var (
 type DecodeError struct {
 	// Field is the attribute (or header, or JSON member) at fault, such as
 	// "id" or "time". Empty when the input as a whole is at fault, for
-	// example when it is too large or not a JSON object.
+	// example when it is too large or not a JSON object, and when a JSON
+	// member's own name cannot be read (it is not valid UTF-8).
 	Field string
 	// Reason says what is wrong, in words.
 	Reason string

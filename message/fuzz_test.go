@@ -6,6 +6,7 @@ import (
 	"math"
 	"strings"
 	"testing"
+	"unicode/utf8"
 
 	"github.com/troupedev/troupe/message"
 )
@@ -13,6 +14,9 @@ import (
 // The fuzz targets prove, for any input: decoding never panics; it fails
 // only with a *DecodeError matching ErrMalformed; and whatever decodes
 // encodes again, in every mode, to a message equal to the decoded one.
+// FuzzDecodeJSON also proves that what decodes was UTF-8 throughout, that
+// every string attribute reads as encoding/json reads it (so no byte was
+// repaired into U+FFFD), and that a null "data" gives no data.
 // testdata/fuzz holds their corpus, which plain `go test` runs.
 
 func FuzzDecodeJSON(f *testing.F) {
@@ -31,6 +35,10 @@ func FuzzDecodeJSON(f *testing.F) {
 		`{"specversion":"1.0","id":1,"source":"/s","type":"t","data":{},"data_base64":""}`,
 		`[1, "two", {"three": 3}]`,
 		``,
+		`{"specversion":"1.0","id":"a` + "\xff" + `","source":"/s","type":"t"}`,
+		`{"specversion":"1.0","id":"a\ud800","source":"/s","type":"t","e":"\ud83d\ude00"}`,
+		`{"specversion":"1.0","id":"1","source":"/s","type":"t","datacontenttype":"text/plain","data":null}`,
+		`{"specversion":"1.0","id":"1","source":"/s","type":"t","data":null,"data_base64":"AA=="}`,
 	} {
 		f.Add([]byte(seed))
 	}
@@ -50,11 +58,21 @@ func FuzzDecodeJSON(f *testing.F) {
 		if refErr != nil {
 			t.Fatalf("DecodeJSON accepted what encoding/json refuses: %v", refErr)
 		}
-		for name, got := range map[string]string{"id": m.ID, "source": m.Source, "type": m.Type} {
+		if !utf8.Valid(in) {
+			t.Fatalf("DecodeJSON accepted input that is not UTF-8: %q", in)
+		}
+		for name, raw := range ref {
+			got, ok := stringAttribute(m, name)
+			if !ok || len(raw) == 0 || raw[0] != '"' {
+				continue
+			}
 			var want string
-			if err := json.Unmarshal(ref[name], &want); err != nil || got != want {
+			if err := json.Unmarshal(raw, &want); err != nil || got != want {
 				t.Fatalf("%s = %q, encoding/json reads %q (%v)", name, got, want, err)
 			}
+		}
+		if string(ref["data"]) == "null" && (ref["data_base64"] == nil || string(ref["data_base64"]) == "null") && m.Data != nil {
+			t.Fatalf(`"data":null decoded as Data %q, want none`, m.Data)
 		}
 		checkReencodes(t, m)
 	})
@@ -74,6 +92,8 @@ func FuzzDecodeBinary(f *testing.F) {
 		[]byte(`{"specversion":"1.0","id":"1","source":"/s","type":"t","data":[1]}`))
 	f.Add(false, "content-type: application/cloudevents-batch+json", []byte(`[]`))
 	f.Add(true, kafkaHeaders+"ce_id: 2\nce_my-ext: x\nce_data: x", []byte(nil))
+	f.Add(true, kafkaHeaders+"ce_tenant: a\xff\ncontent-type: text/plain", []byte("b\xff"))
+	f.Add(false, natsHeaders+"ce-tenant: a%FF\nce-note: \"\xed\xa0\x80\"", []byte("b\xff"))
 	f.Fuzz(func(t *testing.T, kafka bool, headerBlock string, body []byte) {
 		b := message.NATS
 		if kafka {
@@ -87,6 +107,35 @@ func FuzzDecodeBinary(f *testing.F) {
 		}
 		checkReencodes(t, m)
 	})
+}
+
+// stringAttribute returns the string attribute that the JSON member name
+// sets, and false for the members that are not one.
+func stringAttribute(m *message.Message, name string) (string, bool) {
+	switch name {
+	case "specversion", "time", "data", "data_base64":
+		return "", false
+	case "id":
+		return m.ID, true
+	case "source":
+		return m.Source, true
+	case "type":
+		return m.Type, true
+	case "subject":
+		return m.Subject, true
+	case "datacontenttype":
+		return m.DataContentType, true
+	case "dataschema":
+		return m.DataSchema, true
+	case "correlationid":
+		return m.CorrelationID, true
+	case "causationid":
+		return m.CausationID, true
+	case "traceparent":
+		return m.TraceParent, true
+	}
+	v, ok := m.Extensions[name]
+	return v, ok
 }
 
 // parseHeaderBlock reads fuzz input as headers: one "key: value" a line.

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"strings"
 	"time"
+	"unicode/utf16"
 	"unicode/utf8"
 )
 
@@ -23,7 +24,8 @@ const StructuredContentType = "application/cloudevents+json"
 //
 //   - as "data", embedded verbatim, when DataContentType declares JSON
 //     (application/json, */json or */*+json, parameters aside) or is empty,
-//     and Data is valid UTF-8 JSON with no surrounding white space;
+//     and Data is valid UTF-8 JSON with no surrounding white space, other
+//     than null (a null "data" member reads as no data);
 //   - as "data", a JSON string, when DataContentType is text/* and Data is
 //     valid UTF-8;
 //   - otherwise as "data_base64".
@@ -133,10 +135,11 @@ func appendJSONString(b []byte, s string) []byte {
 }
 
 // embeddableJSON reports whether data can be written as the "data" member
-// and read back byte for byte: valid JSON, valid UTF-8, and no white space
-// around the value (a decoder does not keep it).
+// and read back byte for byte: valid JSON, valid UTF-8, no white space
+// around the value (a decoder does not keep it), and not null (which a
+// decoder reads as no data).
 func embeddableJSON(data []byte) bool {
-	if len(data) == 0 || isJSONSpace(data[0]) || isJSONSpace(data[len(data)-1]) {
+	if len(data) == 0 || isJSONSpace(data[0]) || isJSONSpace(data[len(data)-1]) || isJSONNull(data) {
 		return false
 	}
 	return utf8.Valid(data) && json.Valid(data)
@@ -188,18 +191,25 @@ func asciiLower(s string) string {
 //
 // The input must be one JSON object with no repeated member; specversion
 // must be "1.0"; id, source and type must be non-empty strings; time, when
-// present, an RFC 3339 string; other attributes strings. A null member is
-// treated as absent. Extension values may be strings, numbers or booleans;
-// numbers and booleans are kept as their JSON text ("5", "true"). Every rule
-// of [Message.Validate] applies too, so a decoded message always encodes.
+// present, an RFC 3339 string; other attributes strings. A null member,
+// "data" included, is treated as absent. Extension values may be strings,
+// numbers or booleans; numbers and booleans are kept as their JSON text
+// ("5", "true"). Every rule of [Message.Validate] applies too, so a decoded
+// message always encodes.
+//
+// The input must be UTF-8, as RFC 8259 requires of JSON exchanged between
+// systems. Text is never repaired: a member name or string value holding
+// invalid UTF-8, or an escaped surrogate (\ud800-\udfff) that is not half
+// of a pair, is refused rather than replaced with U+FFFD as encoding/json
+// does, so two different ids can never decode to the same one.
 //
 // The payload is read from "data_base64" (base64) or "data", never both.
 // When DataContentType declares JSON or is absent, Data is the "data"
-// value's JSON text as it appears in the input; otherwise a JSON string is
-// unquoted into Data, and any other value is kept as JSON text. A
-// DataContentType left absent stays empty: the specification suggests
-// writing the implied application/json when such an event is sent on in
-// another mode, but Troupe passes messages on as they were made.
+// value's JSON text as it appears in the input, escapes included; otherwise
+// a JSON string is unquoted into Data, and any other value is kept as JSON
+// text. A DataContentType left absent stays empty: the specification
+// suggests writing the implied application/json when such an event is sent
+// on in another mode, but Troupe passes messages on as they were made.
 func DecodeJSON(b []byte, opts ...DecodeOption) (*Message, error) {
 	o := newDecodeOptions(opts)
 	if err := o.checkSize(len(b)); err != nil {
@@ -238,10 +248,11 @@ func decodeJSON(b []byte) (*Message, error) {
 	for i = skipJSONSpace(b, i+1); b[i] != '}'; {
 		end := endOfJSONString(b, i)
 		name := b[i+1 : end-1]
-		if bytes.IndexByte(name, '\\') >= 0 {
-			var s string
-			if err := json.Unmarshal(b[i:end], &s); err != nil {
-				return nil, &DecodeError{Reason: "invalid JSON member name", Err: err}
+		if bytes.IndexByte(name, '\\') >= 0 || !utf8.Valid(name) {
+			s, reason := unquoteJSONString(b[i:end])
+			if reason != "" {
+				// The name cannot be told, so Field stays empty.
+				return nil, &DecodeError{Reason: fmt.Sprintf("member name %q %s", name, reason)}
 			}
 			name = []byte(s)
 		}
@@ -299,7 +310,9 @@ func decodeJSON(b []byte) (*Message, error) {
 				m.Time, err = parseTime(s)
 			}
 		case "data":
-			data = mb.raw
+			if !isJSONNull(mb.raw) {
+				data = mb.raw
+			}
 		case "data_base64":
 			if !isJSONNull(mb.raw) {
 				dataBase64 = mb.raw
@@ -338,6 +351,11 @@ func decodeJSON(b []byte) (*Message, error) {
 			}
 			m.Data = []byte(s)
 		} else {
+			// Kept as JSON text, which must be UTF-8 like the rest of the
+			// input; escapes stay as they are, so nothing is lost.
+			if !utf8.Valid(data) {
+				return nil, &DecodeError{Field: "data", Reason: invalidUTF8(data)}
+			}
 			m.Data = bytes.Clone(data) // not a slice of the caller's input
 		}
 	}
@@ -471,16 +489,93 @@ func jsonString(mb jsonMember) (string, bool, error) {
 	if raw[0] != '"' {
 		return "", false, &DecodeError{Field: mb.field(), Reason: "must be a JSON string, got " + rawKind(raw)}
 	}
-	// Fast path: no escapes and valid UTF-8 means the text between the
-	// quotes is the value.
-	if inner := raw[1 : len(raw)-1]; bytes.IndexByte(inner, '\\') < 0 && utf8.Valid(inner) {
-		return string(inner), true, nil
-	}
-	var s string
-	if err := json.Unmarshal(raw, &s); err != nil {
-		return "", false, &DecodeError{Field: mb.field(), Reason: "invalid JSON string", Err: err}
+	s, reason := unquoteJSONString(raw)
+	if reason != "" {
+		return "", false, &DecodeError{Field: mb.field(), Reason: reason}
 	}
 	return s, true, nil
+}
+
+// unquoteJSONString returns the value of raw, a JSON string (quotes
+// included) from valid JSON. Where encoding/json puts U+FFFD in place of
+// invalid UTF-8 and of an escaped surrogate that is not half of a pair, it
+// refuses them: reason then says why, and is "" otherwise.
+func unquoteJSONString(raw []byte) (s string, reason string) {
+	inner := raw[1 : len(raw)-1]
+	// Escapes are ASCII, so invalid UTF-8 in the value is invalid UTF-8 in
+	// the text between the quotes.
+	if !utf8.Valid(inner) {
+		return "", invalidUTF8(inner)
+	}
+	first := bytes.IndexByte(inner, '\\')
+	if first < 0 {
+		return string(inner), "" // the usual case: the text is the value
+	}
+	b := make([]byte, first, len(inner))
+	copy(b, inner)
+	for i := first; i < len(inner); {
+		if c := inner[i]; c != '\\' {
+			b = append(b, c)
+			i++
+			continue
+		}
+		c := inner[i+1]
+		i += 2
+		switch c {
+		case 'b':
+			b = append(b, '\b')
+		case 'f':
+			b = append(b, '\f')
+		case 'n':
+			b = append(b, '\n')
+		case 'r':
+			b = append(b, '\r')
+		case 't':
+			b = append(b, '\t')
+		case 'u':
+			r := hex4(inner[i:])
+			i += 4
+			if utf16.IsSurrogate(r) {
+				// A high surrogate must be followed by an escaped low one.
+				if i+6 <= len(inner) && inner[i] == '\\' && inner[i+1] == 'u' {
+					if pair := utf16.DecodeRune(r, hex4(inner[i+2:])); pair != utf8.RuneError {
+						b = utf8.AppendRune(b, pair)
+						i += 6
+						continue
+					}
+				}
+				return "", fmt.Sprintf("contains the unpaired surrogate \\u%04x, which is not a Unicode character", r)
+			}
+			b = utf8.AppendRune(b, r)
+		default: // '"', '\\', '/'
+			b = append(b, c)
+		}
+	}
+	return string(b), ""
+}
+
+// hex4 returns the value of the four hex digits that b starts with, as
+// valid JSON guarantees after \u.
+func hex4(b []byte) rune {
+	var r rune
+	for _, c := range b[:4] {
+		d, _ := unhex(c)
+		r = r<<4 | rune(d)
+	}
+	return r
+}
+
+// invalidUTF8 returns the reason for text that is not valid UTF-8.
+func invalidUTF8(text []byte) string {
+	i := 0
+	for i < len(text) {
+		r, size := utf8.DecodeRune(text[i:])
+		if r == utf8.RuneError && size == 1 {
+			break
+		}
+		i += size
+	}
+	return fmt.Sprintf("is not valid UTF-8 at byte %d of its JSON text", i)
 }
 
 // jsonExtension returns an extension's value as a string: a string as is,

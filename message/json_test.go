@@ -47,6 +47,9 @@ func TestEncodeJSON_ChoosesTheDataMember(t *testing.T) {
 		{"JSON content type, invalid JSON", "application/json", `{"a":`, `"data_base64":"eyJhIjo="`},
 		{"JSON with surrounding space", "application/json", " {} ", `"data_base64":"IHt9IA=="`},
 		{"JSON with invalid UTF-8", "application/json", "\"\xff\"", `"data_base64":"Iv8i"`},
+		{"JSON null, which would read as no data", "application/json", "null", `"data_base64":"bnVsbA=="`},
+		{"JSON null, no content type", "", "null", `"data_base64":"bnVsbA=="`},
+		{"text null", "text/plain", "null", `"data":"null"`},
 		{"text as a string", "text/plain", "a \"b\"\n", `"data":"a \"b\"\n"`},
 		{"text with invalid UTF-8", "text/plain", "a\xff", `"data_base64":"Yf8="`},
 		{"binary", "application/octet-stream", "\x00\x01", `"data_base64":"AAE="`},
@@ -201,7 +204,6 @@ func TestDecodeJSON_ReadsExtensionsAndNulls(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := &message.Message{ID: "1", Source: "s", Type: "t", CorrelationID: "c", TraceParent: "00-x",
-		Data:       []byte("null"), // an explicit null payload, distinct from no data
 		Extensions: map[string]string{"flag": "true", "off": "false", "n": "-1.5e3"}}
 	if !got.Equal(want) {
 		t.Errorf("got  %+v\nwant %+v", got, want)
@@ -312,5 +314,148 @@ func TestDecodeJSON_FindsARepeatedMemberAmongManyQuickly(t *testing.T) {
 	}
 	if d := time.Since(start); d > 5*time.Second {
 		t.Fatalf("DecodeJSON of 50k members took %v", d)
+	}
+}
+
+func TestDecodeJSON_NullDataIsNoData(t *testing.T) {
+	const head = `"specversion":"1.0","id":"1","source":"s","type":"t"`
+	tests := []struct {
+		name string
+		in   string
+		want []byte
+	}{
+		{"JSON content type", `{` + head + `,"datacontenttype":"application/json","data":null}`, nil},
+		{"no content type", `{` + head + `,"data":null}`, nil},
+		{"text content type", `{` + head + `,"datacontenttype":"text/plain","data":null}`, nil},
+		{"binary content type", `{` + head + `,"datacontenttype":"application/octet-stream","data":null}`, nil},
+		{"both null", `{` + head + `,"data":null,"data_base64":null}`, nil},
+		{"null data before data_base64", `{` + head + `,"data":null,"data_base64":"AAE="}`, []byte{0, 1}},
+		{"null data after data_base64", `{` + head + `,"data_base64":"AAE=","data" : null }`, []byte{0, 1}},
+		{"null data_base64 next to data", `{` + head + `,"data_base64":null,"data":[1]}`, []byte("[1]")},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m, err := message.DecodeJSON([]byte(tt.in))
+			if err != nil {
+				t.Fatalf("DecodeJSON: %v", err)
+			}
+			if !bytes.Equal(m.Data, tt.want) || (tt.want == nil && m.Data != nil) {
+				t.Fatalf("Data = %q, want %q", m.Data, tt.want)
+			}
+			b, err := message.EncodeJSON(m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tt.want == nil && (bytes.Contains(b, []byte(`"data":`)) || bytes.Contains(b, []byte(`"data_base64":`))) {
+				t.Errorf("re-encoded with a payload member: %s", b)
+			}
+		})
+	}
+}
+
+func TestDecodeJSON_RejectsInvalidUTF8RatherThanRepairingIt(t *testing.T) {
+	const head = `"specversion":"1.0","id":"1","source":"s","type":"t"`
+	tests := []struct {
+		name      string
+		in        string
+		wantField string
+		wantIn    string
+	}{
+		{"raw byte in id", `{"specversion":"1.0","id":"a` + "\xff" + `b","source":"s","type":"t"}`, "id", "not valid UTF-8 at byte 1"},
+		{"raw byte in source", `{"specversion":"1.0","id":"1","source":"` + "\xc3" + `","type":"t"}`, "source", "not valid UTF-8"},
+		{"raw byte in type", `{"specversion":"1.0","id":"1","source":"s","type":"` + "\x80" + `"}`, "type", "not valid UTF-8"},
+		{"encoded surrogate in subject", `{` + head + `,"subject":"` + "\xed\xa0\x80" + `"}`, "subject", "not valid UTF-8"},
+		{"overlong encoding in datacontenttype", `{` + head + `,"datacontenttype":"` + "\xc0\xaf" + `"}`, "datacontenttype", "not valid UTF-8"},
+		{"raw byte in dataschema", `{` + head + `,"dataschema":"` + "\xfe" + `"}`, "dataschema", "not valid UTF-8"},
+		{"raw byte in correlationid", `{` + head + `,"correlationid":"` + "\xff" + `"}`, "correlationid", "not valid UTF-8"},
+		{"raw byte in causationid", `{` + head + `,"causationid":"` + "\xff" + `"}`, "causationid", "not valid UTF-8"},
+		{"raw byte in traceparent", `{` + head + `,"traceparent":"` + "\xff" + `"}`, "traceparent", "not valid UTF-8"},
+		{"raw byte in time", `{` + head + `,"time":"` + "\xff" + `"}`, "time", "not valid UTF-8"},
+		{"raw byte in specversion", `{"specversion":"1.0` + "\xff" + `","id":"1","source":"s","type":"t"}`, "specversion", "not valid UTF-8"},
+		{"raw byte in extension value", `{` + head + `,"tenant":"` + "\xff" + `"}`, "tenant", "not valid UTF-8"},
+		{"raw byte next to escapes", `{` + head + `,"tenant":"\n\"` + "\xff" + `\u00e9"}`, "tenant", "not valid UTF-8 at byte 4"},
+		{"raw byte in an escaped member name's value", `{` + head + `,"\u0074enant":"` + "\xff" + `"}`, "tenant", "not valid UTF-8"},
+		{"lone high surrogate", `{` + head + `,"tenant":"a\ud800b"}`, "tenant", `unpaired surrogate \ud800`},
+		{"lone low surrogate", `{` + head + `,"tenant":"\udc00"}`, "tenant", `unpaired surrogate \udc00`},
+		{"high surrogate at the end", `{` + head + `,"subject":"x\ud83d"}`, "subject", `unpaired surrogate \ud83d`},
+		{"high surrogate before a non-surrogate escape", `{` + head + `,"subject":"\ud83d\u0041"}`, "subject", `unpaired surrogate \ud83d`},
+		{"two high surrogates", `{` + head + `,"subject":"\ud83d\ud83d"}`, "subject", `unpaired surrogate \ud83d`},
+		{"surrogates in the wrong order", `{` + head + `,"subject":"\ude00\ud83d"}`, "subject", `unpaired surrogate \ude00`},
+		{"lone surrogate in id", `{"specversion":"1.0","id":"\uDFFF","source":"s","type":"t"}`, "id", `unpaired surrogate \udfff`},
+		{"raw byte in a member name", `{` + head + `,"ext` + "\xff" + `":"x"}`, "", `member name "ext\xff" is not valid UTF-8`},
+		{"lone surrogate in a member name", `{` + head + `,"ext\ud800":"x"}`, "", `member name "ext\\ud800" contains the unpaired surrogate`},
+		{"raw byte in text data", `{` + head + `,"datacontenttype":"text/plain","data":"a` + "\xff" + `"}`, "data", "not valid UTF-8"},
+		{"lone surrogate in text data", `{` + head + `,"datacontenttype":"text/plain","data":"\ud800"}`, "data", "unpaired surrogate"},
+		{"raw byte in JSON data", `{` + head + `,"datacontenttype":"application/json","data":{"a":"` + "\xff" + `"}}`, "data", "not valid UTF-8 at byte 6"},
+		{"raw byte in JSON data, no content type", `{` + head + `,"data":["` + "\xff" + `"]}`, "data", "not valid UTF-8"},
+		{"raw byte in non-string data of another type", `{` + head + `,"datacontenttype":"application/xml","data":["` + "\xff" + `"]}`, "data", "not valid UTF-8"},
+		{"raw byte in data_base64", `{` + head + `,"data_base64":"AA` + "\xff" + `"}`, "data_base64", "not valid UTF-8"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m, err := message.DecodeJSON([]byte(tt.in))
+			if err == nil {
+				t.Fatalf("DecodeJSON = %+v, want an error", m)
+			}
+			var de *message.DecodeError
+			if !errors.As(err, &de) || !errors.Is(err, message.ErrMalformed) {
+				t.Fatalf("DecodeJSON = %v, want a *DecodeError matching ErrMalformed", err)
+			}
+			if de.Field != tt.wantField {
+				t.Errorf("Field = %q, want %q (%v)", de.Field, tt.wantField, err)
+			}
+			if !strings.Contains(err.Error(), tt.wantIn) {
+				t.Errorf("error %q does not contain %q", err, tt.wantIn)
+			}
+		})
+	}
+}
+
+func TestDecodeJSON_NeverDecodesTwoDifferentIDsToOne(t *testing.T) {
+	// encoding/json reads every one of these ids as "a\ufffdb"; only the
+	// two that truly spell U+FFFD may decode, and they decode alike.
+	ids := map[string]bool{ // JSON text of the id -> whether it is valid
+		`"a` + "\xff" + `b"`:         false,
+		`"a` + "\xfe" + `b"`:         false,
+		`"a` + "\xed\xa0\x80" + `b"`: false, // an encoded surrogate
+		`"a\ud800b"`:                 false,
+		`"a\udc00b"`:                 false,
+		`"a\ufffdb"`:                 true,
+		`"a` + "\ufffd" + `b"`:       true,
+	}
+	for id, valid := range ids {
+		m, err := message.DecodeJSON([]byte(`{"specversion":"1.0","id":` + id + `,"source":"s","type":"t"}`))
+		switch {
+		case valid && err != nil:
+			t.Errorf("id %q: DecodeJSON = %v", id, err)
+		case valid && m.ID != "a\ufffdb":
+			t.Errorf("id %q decoded as %q", id, m.ID)
+		case !valid && err == nil:
+			t.Errorf("id %q decoded as %q, want it refused", id, m.ID)
+		}
+	}
+}
+
+func TestDecodeJSON_KeepsJSONDataVerbatimEscapesIncluded(t *testing.T) {
+	// Data is opaque: an escape encoding/json would repair is kept as
+	// written, and valid surrogate pairs in attributes are decoded.
+	in := `{"specversion":"1.0","id":"1","source":"s","type":"t","subject":"\ud83d\ude00 \ufffd \/",` +
+		`"datacontenttype":"application/json","data":{"a":"\ud800"}}`
+	m, err := message.DecodeJSON([]byte(in))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Subject != "😀 \ufffd /" {
+		t.Errorf("Subject = %q", m.Subject)
+	}
+	if string(m.Data) != `{"a":"\ud800"}` {
+		t.Errorf("Data = %q", m.Data)
+	}
+	b, err := message.EncodeJSON(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(b, []byte(`"data":{"a":"\ud800"}`)) {
+		t.Errorf("EncodeJSON = %s, want the data embedded as it was", b)
 	}
 }

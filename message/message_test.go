@@ -200,6 +200,9 @@ func TestValidate_Rules(t *testing.T) {
 		{"DEL in type", valid(func(m *message.Message) { m.Type = "a\x7f" }), "type"},
 		{"C1 control in source", valid(func(m *message.Message) { m.Source = "a\u0085" }), "source"},
 		{"invalid UTF-8 in id", valid(func(m *message.Message) { m.ID = "a\xffb" }), "id"},
+		{"encoded surrogate in subject", valid(func(m *message.Message) { m.Subject = "\xed\xa0\x80" }), "subject"},
+		{"truncated UTF-8 in dataschema", valid(func(m *message.Message) { m.DataSchema = "https://x/\xe2\x82" }), "dataschema"},
+		{"invalid UTF-8 in extension value", valid(func(m *message.Message) { m.Extensions = map[string]string{"tenant": "\xc0\xaf"} }), "tenant"},
 		{"noncharacter in traceparent", valid(func(m *message.Message) { m.TraceParent = "\ufffe" }), "traceparent"},
 		{"year beyond 9999", valid(func(m *message.Message) { m.Time = time.Date(10000, 1, 1, 0, 0, 0, 0, time.UTC) }), "time"},
 		{"negative year", valid(func(m *message.Message) { m.Time = time.Date(-1, 1, 1, 0, 0, 0, 0, time.UTC) }), "time"},
@@ -234,5 +237,26 @@ func TestValidate_Rules(t *testing.T) {
 	}
 	if err := (*message.Message)(nil).Validate(); !errors.Is(err, message.ErrInvalid) {
 		t.Errorf("nil Validate = %v", err)
+	}
+}
+
+func TestEncode_RefusesInvalidUTF8AttributesButNotInvalidUTF8Data(t *testing.T) {
+	encoders := map[string]func(*message.Message) error{
+		"json": func(m *message.Message) error { _, err := message.EncodeJSON(m); return err },
+	}
+	for _, b := range []message.Binding{message.NATS, message.Kafka} {
+		encoders[b.String()] = func(m *message.Message) error { _, _, err := b.Encode(m); return err }
+	}
+	bad := &message.Message{ID: "1", Source: "s", Type: "t", Extensions: map[string]string{"tenant": "acme\xff"}}
+	// Data is bytes: anything goes, whatever the content type says.
+	data := &message.Message{ID: "1", Source: "s", Type: "t", DataContentType: "text/plain", Data: []byte("a\xffb")}
+	for name, encode := range encoders {
+		var fe *message.FieldError
+		if err := encode(bad); !errors.As(err, &fe) || fe.Field != "tenant" || !strings.Contains(fe.Reason, "UTF-8") {
+			t.Errorf("%s: encode of an invalid UTF-8 extension = %v, want a *FieldError for tenant", name, err)
+		}
+		if err := encode(data); err != nil {
+			t.Errorf("%s: encode of invalid UTF-8 data = %v, want nil", name, err)
+		}
 	}
 }
