@@ -12,10 +12,22 @@ import (
 // Publisher sends messages to a topic.
 type Publisher interface {
 	// Publish sends msgs to topic as one batch and returns once the broker has
-	// durably accepted every one of them. Messages keep their order per
-	// (topic, Subject). A broker that deduplicates by message id drops a
-	// message whose ID it has already accepted within its dedup window, so a
-	// retried Publish with the same ids has no second effect there.
+	// durably accepted every one of them.
+	//
+	// Messages with a non-empty Subject keep their publish order per
+	// (topic, Subject). Messages without a Subject may be delivered in any
+	// order relative to each other: brokers may spread them for throughput
+	// (the Kafka broker keys them by ID, over every partition).
+	//
+	// A broker that deduplicates drops a message whose (Source, ID) it has
+	// already accepted on the same topic within its dedup window, so a
+	// retried Publish of the same messages has no second effect there; the
+	// pair is the key because CloudEvents ids are unique only within their
+	// source. Whether a broker deduplicates is its
+	// brokertest.Features.DedupByID: the NATS JetStream broker does, within
+	// its configured dedup window; the Kafka broker does not, so a retried
+	// Publish delivers the message again, and consumers absorb the
+	// duplicate with an inbox.
 	//
 	// When some messages fail, Publish returns a *PublishError naming them;
 	// the others were accepted.
@@ -64,13 +76,20 @@ type Subscription interface {
 }
 
 // Handler handles a batch of deliveries from one subscription. Batches keep
-// per-(topic, subject) order, and a subscription does not call its handler
-// again until the previous call has returned.
+// per-(topic, subject) order for messages with a Subject, and a subscription
+// does not call its handler again until the previous call has returned.
 //
 // The handler settles each delivery with Ack, Nak or DeadLetter. A delivery
 // left unsettled when the handler returns is Nak'ed with the subscription's
 // default redelivery delay, so a handler that returns early never loses a
 // message. Settlements take effect after the handler returns.
+//
+// A handler that panics does not end the subscription or the process: the
+// broker recovers, logs the panic with its stack at Error level, and treats
+// the call as returned. What the handler settled before panicking stands;
+// the deliveries it had not settled are unsettled, so they are redelivered
+// with Attempt counting up and, if the panic repeats, dead-lettered after
+// MaxDeliver attempts.
 type Handler func(ctx context.Context, batch []*Delivery)
 
 // SubscribeConfig configures a subscription.

@@ -18,9 +18,10 @@ import (
 
 // Features says what a broker promises beyond the common contract.
 type Features struct {
-	// DedupByID: the broker drops a message whose id it has already accepted
-	// on the same topic within its dedup window. Without it the suite only
-	// checks that a re-published id is delivered at least once.
+	// DedupByID: the broker drops a message whose (Source, ID) it has
+	// already accepted on the same topic within its dedup window. Without it
+	// the suite only checks that a re-published message is delivered at
+	// least once.
 	DedupByID bool
 	// AttemptsSurviveCrash: Delivery.Attempt also counts deliveries made to
 	// a client that crashed before settling, so a message that keeps
@@ -61,6 +62,7 @@ func Run(t *testing.T, newBroker Factory, f Features) {
 		{"MembersShareGroup", s.testMembersShareGroup},
 		{"DeadLetterWithReason", s.testDeadLetterWithReason},
 		{"MaxDeliverDeadLetters", s.testMaxDeliverDeadLetters},
+		{"HandlerPanicIsRedeliveredThenDeadLettered", s.testHandlerPanicIsRedeliveredThenDeadLettered},
 		{"RepublishedID", s.testRepublishedID},
 		{"StopWaitsForHandlerAndSettles", s.testStopWaitsForHandlerAndSettles},
 		{"StopHonoursContext", s.testStopHonoursContext},

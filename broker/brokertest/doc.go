@@ -12,12 +12,13 @@
 // [broker.Subscriber], [broker.Subscription] and [broker.Handler]:
 // delivery at least once, per-subject order, durable consumer groups that
 // resume where they left off, redelivery after a Nak, after an unsettled
-// return and after a crashed consumer, dead-lettering with a reason, and
+// return, after a handler panic and after a crashed consumer,
+// dead-lettering with a reason and after MaxDeliver attempts, and
 // clean shutdown, by Stop or by the end of the context passed to Subscribe
 // (the handler's context is canceled, the handler is not called again, and
 // the message it left unsettled reaches the group's next subscription).
 // [Features] lists what a broker promises beyond that contract, such as
-// dropping a re-published message id.
+// dropping a re-published message, same Source and ID.
 //
 // Beyond the written contract, the suite holds brokers to these choices, which
 // Troupe's outbox and sagas rely on:

@@ -7,11 +7,14 @@
 // mode ([message.Kafka]): the attributes are "ce_" headers, the data is the
 // record value, and the record key is the message's Subject (its ID when it
 // has none). Kafka sends equal keys to the same partition, so the messages
-// of one subject keep their order. The producer is idempotent and waits for
-// every in-sync replica (acks=all): Publish returns once the batch is
-// durable, and the client's own retries never duplicate a record. Kafka does
-// not deduplicate by message ID; a Publish retried by the caller delivers
-// the message again, which consumers absorb with an inbox.
+// of one subject keep their order. Messages without a Subject, keyed by
+// their distinct IDs, are spread over the partitions for throughput and
+// have no order relative to each other. The producer is idempotent and
+// waits for every in-sync replica (acks=all): Publish returns once the
+// batch is durable, and the client's own retries never duplicate a record.
+// Nothing is deduplicated (brokertest.Features.DedupByID is false): a
+// Publish retried by the caller delivers its messages, same Source and ID,
+// again, and consumers absorb the duplicates with an inbox.
 //
 // Topics are created when first used, with [Config.Partitions] partitions
 // and [Config.ReplicationFactor] replicas, unless they exist. A cluster that
@@ -43,6 +46,10 @@
 //     to the dead-letter topic ([broker.DeadLetterMessage]) and counts as
 //     settled. A record that is not a CloudEvent goes there as it is, with
 //     "ce_deadletterreason" and the other dead-letter headers added.
+//   - A handler that panics is recovered, and the panic logged with its
+//     stack at Error level; the deliveries it had not settled count as
+//     unsettled, so a message that panics every time is dead-lettered after
+//     MaxDeliver attempts instead of taking the process down.
 //   - AckWait is not used: Kafka has no acknowledgement timeout. The
 //     uncommitted records of a consumer that crashed are redelivered once
 //     the group coordinator declares it dead, after [Config.SessionTimeout];

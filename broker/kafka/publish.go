@@ -17,7 +17,8 @@ import (
 // Each message becomes one record in CloudEvents binary mode: its attributes
 // are "ce_" headers and its data is the record value. The record key is the
 // message's Subject (its ID when Subject is empty), so the messages of one
-// subject share a partition and keep their order.
+// subject share a partition and keep their order, while messages without a
+// Subject spread over the partitions in no order relative to each other.
 //
 // When some messages fail, Publish returns a *[broker.PublishError] naming
 // them; the others were accepted. After [Broker.Close] it returns

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -302,7 +303,7 @@ func (s *subscription) process(recs []*kgo.Record) {
 		batch = append(batch, e.d)
 	}
 	if len(batch) > 0 {
-		s.h(s.handlerCtx, batch)
+		s.call(batch)
 	}
 
 	held := make(map[int32]kgo.EpochOffset)
@@ -335,6 +336,22 @@ func (s *subscription) process(recs []*kgo.Record) {
 		s.client.PauseFetchPartitions(map[string][]int32{s.cfg.Topic: slices.Collect(maps.Keys(held))})
 		s.client.SetOffsets(map[string]map[int32]kgo.EpochOffset{s.cfg.Topic: held})
 	}
+}
+
+// call calls the handler. A panic is logged with its stack and leaves the
+// deliveries the handler had not settled unsettled, so they are delivered
+// again after NakDelay, counted, and dead-lettered once the panic has used
+// up MaxDeliver attempts. Without the recover, a panic would end the process
+// before the delivery count reached the commit, and the message would come
+// back as the same attempt after every restart.
+func (s *subscription) call(batch []*broker.Delivery) {
+	defer func() {
+		if r := recover(); r != nil {
+			s.log.Error("kafka: handler panicked; its unsettled deliveries will be redelivered",
+				"panic", r, "deliveries", len(batch), "stack", string(debug.Stack()))
+		}
+	}()
+	s.h(s.handlerCtx, batch)
 }
 
 // settle carries out e's settlement. It reports whether the record must be

@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -511,4 +513,128 @@ func TestCrashedMember_RecordsRedeliveredAfterSessionTimeout(t *testing.T) {
 	subscribe(t, other, broker.SubscribeConfig{Topic: "orders", Group: "billing"}, seen.acking())
 	seen.waitIDs(t, "the crashed member's message", m)
 	t.Logf("redelivered %v after the member vanished (session timeout %v)", time.Since(closed).Round(time.Millisecond), session)
+}
+
+// TestSubscribe_HandlerPanicIsLoggedAndItsAttemptCommitted: a handler that
+// panics neither ends the process nor loses count. The panic is logged at
+// Error level with its stack; what the handler acked before panicking is
+// committed; the delivery it did not settle is committed as attempted once,
+// so the group's next subscription gets it as attempt 2 and a message that
+// panics every time still reaches MaxDeliver across restarts.
+func TestSubscribe_HandlerPanicIsLoggedAndItsAttemptCommitted(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t)
+	errs := newErrorLog()
+	b := newBroker(t, c, func(cfg *kafka.Config) { cfg.Logger = slog.New(errs) })
+	msgs := numbered("order-1", 3)
+	publish(t, b, "orders", msgs...)
+
+	first := newCollector()
+	cfg := broker.SubscribeConfig{Topic: "orders", Group: "billing", NakDelay: time.Hour}
+	sub := subscribe(t, b, cfg, first.handler(0, func(d *broker.Delivery) {
+		if string(d.Msg.Data) == "1" {
+			panic("poison order")
+		}
+		d.Ack()
+	}))
+	rec := errs.wait(t, "kafka: handler panicked; its unsettled deliveries will be redelivered")
+	if got := rec["panic"]; got != "poison order" {
+		t.Errorf("logged panic = %q, want %q", got, "poison order")
+	}
+	if got := rec["stack"]; !strings.Contains(got, "TestSubscribe_HandlerPanicIsLoggedAndItsAttemptCommitted") {
+		t.Errorf("logged stack does not show the panicking handler:\n%s", got)
+	}
+	if rec["topic"] != "orders" || rec["group"] != "billing" {
+		t.Errorf("log record names topic %q and group %q, want orders and billing", rec["topic"], rec["group"])
+	}
+	stop(t, sub)
+
+	offs := committed(t, c, "billing", "orders")
+	if len(offs) != 1 {
+		t.Fatalf("committed offsets = %v, want one partition (one subject)", offs)
+	}
+	for p, o := range offs {
+		if o.At != 1 || o.Metadata != "troupe.attempts=1" {
+			t.Errorf("partition %d committed at %d with metadata %q, want 1 with troupe.attempts=1", p, o.At, o.Metadata)
+		}
+	}
+
+	second := newCollector()
+	cfg.NakDelay = 0
+	subscribe(t, b, cfg, second.acking())
+	all := second.waitIDs(t, "the records after the acked one", msgs[1:]...)
+	if all[0].data != "1" || all[0].attempt != 2 {
+		t.Errorf("next subscription got %s first, want 1/2: the panicked delivery counts as an attempt", sequence(all))
+	}
+	for _, d := range all {
+		if d.data == "0" {
+			t.Errorf("record acked before the panic was delivered again: %s", sequence(all))
+		}
+	}
+}
+
+// errorLog is a slog.Handler that keeps the Error records logged through it,
+// each as its message and attributes (those added with Logger.With too).
+type errorLog struct {
+	shared *errorLogRecords
+	attrs  []slog.Attr
+}
+
+type errorLogRecords struct {
+	mu      sync.Mutex
+	records []map[string]string
+	notify  chan struct{}
+}
+
+func newErrorLog() *errorLog {
+	return &errorLog{shared: &errorLogRecords{notify: make(chan struct{}, 1)}}
+}
+
+func (l *errorLog) Enabled(_ context.Context, level slog.Level) bool { return level >= slog.LevelError }
+
+func (l *errorLog) Handle(_ context.Context, r slog.Record) error {
+	rec := map[string]string{"msg": r.Message}
+	for _, a := range l.attrs {
+		rec[a.Key] = a.Value.String()
+	}
+	r.Attrs(func(a slog.Attr) bool {
+		rec[a.Key] = a.Value.String()
+		return true
+	})
+	l.shared.mu.Lock()
+	l.shared.records = append(l.shared.records, rec)
+	l.shared.mu.Unlock()
+	select {
+	case l.shared.notify <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+func (l *errorLog) WithAttrs(attrs []slog.Attr) slog.Handler {
+	return &errorLog{shared: l.shared, attrs: append(slices.Clip(l.attrs), attrs...)}
+}
+
+func (l *errorLog) WithGroup(string) slog.Handler { return l }
+
+// wait waits up to 20s for a record with message msg and returns it.
+func (l *errorLog) wait(t *testing.T, msg string) map[string]string {
+	t.Helper()
+	deadline := time.NewTimer(20 * time.Second)
+	defer deadline.Stop()
+	for {
+		l.shared.mu.Lock()
+		for _, rec := range l.shared.records {
+			if rec["msg"] == msg {
+				l.shared.mu.Unlock()
+				return rec
+			}
+		}
+		l.shared.mu.Unlock()
+		select {
+		case <-l.shared.notify:
+		case <-deadline.C:
+			t.Fatalf("waited 20s for the error %q", msg)
+		}
+	}
 }
