@@ -6,7 +6,8 @@
 //
 // The contract is the same for every broker, so services and the outbox
 // relay do not care which one runs: a group's position survives restarts,
-// messages of one (topic, subject) keep their publish order, an unsettled or
+// messages of one (topic, subject) keep their publish order (messages with no
+// subject have no order among themselves), an unsettled or
 // Nak'ed message comes back, and a message that fails MaxDeliver times, or
 // that its handler declares poison, goes to the dead-letter topic with the
 // reason in the [ExtDeadLetterReason] extension ([DeadLetterMessage] builds
@@ -15,5 +16,10 @@
 // The implementations live in sub-packages: broker/natsjs (NATS JetStream,
 // embedded in the process by default) and broker/kafka. Each passes the
 // conformance suite in broker/brokertest, whose Features say what a broker
-// promises beyond the contract, such as dropping a re-published message id.
+// promises beyond the contract, such as dropping a message re-published with
+// the same (source, id).
+//
+// Delivery is at least once on every broker, so a consumer whose effect must
+// happen once records the message ids it handled in the same transaction as
+// the effect (Troupe's inbox does this).
 package broker
