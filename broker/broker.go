@@ -101,8 +101,12 @@ type SubscribeConfig struct {
 	Group string
 	// MaxBatch is the most deliveries passed to one handler call. Default 100.
 	MaxBatch int
-	// AckWait is how long a delivery may stay unsettled before the broker
-	// redelivers it (to this or another member of the group). Default 30s.
+	// AckWait is how long a delivery may go without a sign of life from its
+	// consumer before the broker redelivers it (to this or another member of
+	// the group). A live subscription keeps the deliveries it is handling
+	// alive, however long the handler takes; AckWait bounds how long a
+	// crashed consumer's messages wait. Default 30s. (Kafka has no such
+	// timer: a crashed member's records return when the group rebalances.)
 	AckWait time.Duration
 	// NakDelay is the redelivery delay of a Nak with no delay of its own, and
 	// of a delivery left unsettled. Default 1s.

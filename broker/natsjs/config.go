@@ -64,9 +64,11 @@ type Config struct {
 	// a clustered server. Default 1; at most 5.
 	Replicas int
 
-	// DedupWindow is how long the server remembers message ids to drop a
-	// re-published message (the Nats-Msg-Id header carries the message id).
-	// Default 2 minutes; at most MaxAge.
+	// DedupWindow is how long the server remembers the Nats-Msg-Id of
+	// each stored message, to drop a message re-published to the same
+	// topic with the same source and id (see the package documentation).
+	// It applies to the streams the broker creates. Default 2 minutes; at
+	// most MaxAge.
 	DedupWindow time.Duration
 
 	// MaxAge is how long a stream keeps its messages. Streams use limits

@@ -25,20 +25,46 @@
 // such as one an operator made for "shop.>", the broker uses it instead.
 //
 // Messages travel in binary mode, in the CloudEvents NATS binding
-// ([message.NATS]), with the message id as Nats-Msg-Id: the server drops a
-// message re-published within [Config].DedupWindow, so a relay that retries
-// a batch after a crash publishes nothing twice.
+// ([message.NATS]). The server drops a message whose Nats-Msg-Id it has
+// stored in the same stream within [Config].DedupWindow, so a relay that
+// retries a batch after a crash publishes nothing twice. CloudEvents only
+// promises that the pair (source, id) is unique, and a stream may hold
+// several topics, so the Nats-Msg-Id names all three, readably:
+//
+//	shop.orders:0192f1e4-…@/services/order
+//
+// Two services that use the same id, and one message published to two
+// topics of one stream, are all stored. The id and source are
+// percent-escaped where they contain spaces, other characters outside
+// printable ASCII, '"', '%', '@' or ';'; an id or source longer than 64
+// bytes is written as "sha256:" and 32 hex digits of its digest, so the
+// header stays short. The same message always gets the same Nats-Msg-Id.
+// That of a dead letter also names the topic the message was consumed from
+// and the group that gave up, so each group leaves one dead letter per
+// message and topic:
+//
+//	shop.orders.dlq:0192f1e4-…@/services/order;from=shop.orders;group=billing
 //
 // # Consumer groups
 //
 // A group is a durable pull consumer on the topic's stream, named like a
 // stream after the group, with explicit acks. Its position lives in the
 // server, so it survives restarts of the consumer and of the server, and the
-// members of a group share its messages. The subscription fetches batches,
+// members of a group share its messages. The subscription pulls batches,
 // calls the handler, and then acks, naks with a delay, or dead-letters each
 // message. It counts attempts with the server's delivery count and
 // dead-letters a message itself after MaxDeliver attempts, including one
 // whose last attempt crashed.
+//
+// A message's AckWait runs from its delivery to the subscription. From then
+// until it is settled, while it waits behind a handler call or is being
+// handled, the subscription tells the server every AckWait/3 that it is in
+// progress, so a handler slower than AckWait keeps its messages: they are
+// not redelivered to other members meanwhile, and their attempts do not
+// climb. AckWait is thus the time after which the messages of a member that
+// died (or of a subscription given up by Close or by a Stop whose context
+// ended) go back to the group, not a limit on the handler: a handler that
+// hangs keeps its messages until Close or a Stop whose context ends.
 //
 // Order: a group with one member receives each subject's messages in publish
 // order. Members of one group pull from the same consumer, so with several
@@ -51,6 +77,16 @@
 // with the connection only means the message is delivered again after
 // AckWait, which at-least-once delivery allows. Stop and Close flush the
 // connection, so the acks of a stopped subscription have reached the server.
+//
+// A pull request lasts at most a second. Stop makes no new one and lets the
+// one in flight end rather than cancel it, so no message the server has
+// sent is lost on the way: those that arrive after Stop began are Nak'ed
+// with a delay that outlasts the pull, and the group gets them again within
+// about a second (their next delivery counts one attempt more). Stop thus
+// takes up to a second even when idle, and an idle subscription makes one
+// pull request a second. Close, the end of Subscribe's context, and a Stop
+// whose context ends cancel the pull instead: messages on their way to it
+// come back after AckWait.
 //
 // # Durability
 //

@@ -20,10 +20,13 @@ const publishWindow = 1024
 // Publish sends msgs to topic's subject in binary mode (the CloudEvents NATS
 // binding: attributes in "ce-" headers, data as the body) and returns once
 // the server has stored every one. The Nats-Msg-Id header carries the
-// message id, so the server drops a message re-published within
-// Config.DedupWindow. A batch goes out as asynchronous publishes, in order,
-// and Publish waits for all their acknowledgements; messages that could not
-// be encoded or were not acknowledged are reported in a *broker.PublishError.
+// topic, the message's id and its source ("shop.orders:<id>@<source>"; see
+// the package documentation), so the server drops a message re-published
+// to the same topic within Config.DedupWindow, and only such a message: two
+// sources may use the same id. A batch goes out as asynchronous publishes,
+// in order, and Publish waits for all their acknowledgements; messages that
+// could not be encoded or were not acknowledged are reported in a
+// *broker.PublishError.
 func (b *Broker) Publish(ctx context.Context, topic string, msgs ...*message.Message) error {
 	if err := b.checkOpen(); err != nil {
 		return fmt.Errorf("natsjs: publish to %q: %w", topic, err)
@@ -124,11 +127,11 @@ func (b *Broker) publishFailed(topic string, err error) error {
 
 // publishOne publishes one message with an explicit dedup id and waits for
 // the server to store it.
-func (b *Broker) publishOne(ctx context.Context, topic string, m *message.Message, msgID string) error {
+func (b *Broker) publishOne(ctx context.Context, topic string, m *message.Message, id string) error {
 	if _, err := b.stream(ctx, topic); err != nil {
 		return err
 	}
-	nm, err := encode(topic, m, msgID)
+	nm, err := encode(topic, m, id)
 	if err != nil {
 		return err
 	}
@@ -143,9 +146,9 @@ func (b *Broker) publishMsg(ctx context.Context, topic string, nm *nats.Msg) err
 	return nil
 }
 
-// encode returns m as a NATS message on subject in binary mode, with msgID
-// (m.ID when empty) as its dedup id.
-func encode(subject string, m *message.Message, msgID string) (*nats.Msg, error) {
+// encode returns m as a NATS message on subject in binary mode, with id as
+// its dedup id; an empty id means m's own (see msgID).
+func encode(subject string, m *message.Message, id string) (*nats.Msg, error) {
 	hs, body, err := message.NATS.Encode(m)
 	if err != nil {
 		return nil, err
@@ -154,10 +157,10 @@ func encode(subject string, m *message.Message, msgID string) (*nats.Msg, error)
 	for _, h := range hs {
 		nm.Header.Add(h.Key, h.Value)
 	}
-	if msgID == "" {
-		msgID = m.ID
+	if id == "" {
+		id = msgID(subject, m)
 	}
-	nm.Header.Set(jetstream.MsgIDHeader, msgID)
+	nm.Header.Set(jetstream.MsgIDHeader, id)
 	return nm, nil
 }
 

@@ -16,9 +16,13 @@ import (
 	"github.com/troupedev/troupe/message"
 )
 
-// fetchWait is how long one pull request waits at the server for messages.
-// Stop does not wait for it: canceling a fetch ends it at once.
-const fetchWait = 5 * time.Second
+// pullWait bounds one pull request: the server ends it after 90% of
+// pullWait when it has not brought MaxBatch messages by then, and the client
+// gives up on it after pullWait. Stop does not cancel the pull in flight,
+// which would lose the messages already on their way, but waits for its
+// end, so Stop takes up to pullWait; an idle subscription makes one pull
+// request per pullWait.
+const pullWait = time.Second
 
 // retryWait is the pause after a failed fetch before the next one.
 const retryWait = 500 * time.Millisecond
@@ -28,13 +32,16 @@ const retryWait = 500 * time.Millisecond
 // created or updated to cfg's AckWait. Members of a group share the
 // consumer, so they share its messages and its position.
 //
-// The subscription fetches up to cfg.MaxBatch messages at a time and calls h
+// The subscription pulls up to cfg.MaxBatch messages at a time and calls h
 // with those that have arrived, then settles each: Ack, NakWithDelay, or a
 // dead letter (the message, with the reason, published to
-// cfg.DeadLetterTopic; then the original is terminated). Delivery.Attempt is
-// the server's delivery count. A message that cannot be decoded is
-// dead-lettered as it is, its headers and body unchanged plus the
-// dead-letter extensions, without calling h.
+// cfg.DeadLetterTopic; then the original is terminated). From their arrival
+// until their settlement, the messages are kept in progress at the server
+// every AckWait/3, so a handler slower than AckWait does not have them
+// redelivered to other members meanwhile. Delivery.Attempt is the server's
+// delivery count. A message that cannot be decoded is dead-lettered as it
+// is, its headers and body unchanged plus the dead-letter extensions,
+// without calling h.
 //
 // ctx governs the subscription's life: when it ends, the subscription stops
 // and the context passed to h is canceled. Stop ends it gracefully.
@@ -139,17 +146,29 @@ type subscription struct {
 	cons jetstream.Consumer
 	log  *slog.Logger
 
-	runCtx      context.Context // passed to h; canceled by Close or when Stop gives up
+	runCtx      context.Context // passed to h, and cancels pulls; canceled by Close or when Stop gives up
 	cancelRun   context.CancelFunc
-	fetchCtx    context.Context // canceled by Stop: fetch no more
+	fetchCtx    context.Context // canceled by Stop: pull no more
 	cancelFetch context.CancelFunc
 	done        chan struct{} // closed when run has returned
 }
 
-// Stop stops fetching, waits for the handler call in flight to return and
-// its deliveries to be settled, and flushes the settlements to the server.
-// When ctx ends first, Stop cancels the handler's context and returns ctx's
-// error; the subscription still settles and ends in the background.
+// Stop makes no new pull request, waits for the handler call in flight to
+// return and its deliveries to be settled, and flushes the settlements to
+// the server.
+//
+// The pull request in flight is not canceled but left to end, which takes
+// at most about a second (see pullWait): messages the server sends for it
+// are still received rather than lost on the way, and those not handed to
+// the handler are Nak'ed with a delay that lasts until the pull has ended,
+// so the group gets them again within that second rather than after
+// AckWait. Such a message has been delivered, so its next delivery counts
+// one attempt more.
+//
+// When ctx ends first, Stop cancels the handler's context and the pull, and
+// returns ctx's error; the subscription still settles and ends in the
+// background. Messages that were on their way to a canceled pull come back
+// after AckWait, as do those of a handler that does not return.
 func (s *subscription) Stop(ctx context.Context) error {
 	s.cancelFetch()
 	select {
@@ -161,7 +180,7 @@ func (s *subscription) Stop(ctx context.Context) error {
 	}
 }
 
-// run fetches and handles messages until fetchCtx ends.
+// run pulls and handles messages until fetchCtx ends.
 func (s *subscription) run() {
 	defer func() {
 		s.cancelRun()
@@ -200,35 +219,36 @@ func (s *subscription) run() {
 
 // fetch makes one pull request and handles what it brings, calling the
 // handler with the messages that have arrived each time, never more than
-// MaxBatch.
+// MaxBatch. Stop does not cancel the pull request (see pullWait); the end
+// of runCtx does.
 func (s *subscription) fetch() error {
-	ctx, cancel := context.WithTimeout(s.fetchCtx, fetchWait)
+	ctx, cancel := context.WithTimeout(s.runCtx, pullWait)
 	defer cancel()
 	batch, err := s.cons.Fetch(s.cfg.MaxBatch, jetstream.FetchContext(ctx))
 	if err != nil {
 		return err
 	}
-	msgs := batch.Messages()
-	for m := range msgs {
+	end, _ := ctx.Deadline()
+	p := startPull(s.runCtx, s.log, batch.Messages(), s.cfg.AckWait)
+	defer p.close()
+	for {
+		got, ok := p.next()
+		if !ok {
+			break
+		}
 		if s.fetchCtx.Err() != nil {
-			// Arrived as Stop began: hand it back for immediate redelivery.
-			_ = m.Nak()
+			// Arrived after Stop began: hand them back to the group. Not at
+			// once, or the server would send them straight back to this
+			// pull, which stays open until it expires, and each bounce
+			// would count an attempt.
+			delay := max(time.Until(end), 10*time.Millisecond)
+			for _, m := range got {
+				p.release(m)
+				_ = m.NakWithDelay(delay)
+			}
 			continue
 		}
-		got := []jetstream.Msg{m}
-	more:
-		for len(got) < s.cfg.MaxBatch {
-			select {
-			case m, ok := <-msgs:
-				if !ok {
-					break more
-				}
-				got = append(got, m)
-			default:
-				break more
-			}
-		}
-		s.handle(got)
+		s.handle(p, got)
 	}
 	if err := batch.Error(); err != nil && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) {
 		return err
@@ -236,8 +256,9 @@ func (s *subscription) fetch() error {
 	return nil
 }
 
-// handle decodes msgs, calls the handler, and settles each message.
-func (s *subscription) handle(msgs []jetstream.Msg) {
+// handle decodes msgs, calls the handler, and settles each message,
+// releasing it from p just before.
+func (s *subscription) handle(p *pull, msgs []jetstream.Msg) {
 	deliveries := make([]*broker.Delivery, 0, len(msgs))
 	raws := make([]jetstream.Msg, 0, len(msgs))
 	for _, jm := range msgs {
@@ -247,13 +268,13 @@ func (s *subscription) handle(msgs []jetstream.Msg) {
 		}
 		m, err := message.NATS.Decode(headers(jm.Headers()), jm.Data())
 		if err != nil {
-			s.deadLetterRaw(jm, attempt, "cannot decode: "+err.Error())
+			s.deadLetterRaw(p, jm, attempt, "cannot decode: "+err.Error())
 			continue
 		}
 		d := &broker.Delivery{Msg: m, Topic: s.cfg.Topic, Attempt: attempt}
 		if attempt > s.cfg.MaxDeliver {
 			// The last attempt ended unsettled, by a crash or AckWait.
-			s.deadLetter(jm, d, fmt.Sprintf("not settled within %d deliveries", s.cfg.MaxDeliver))
+			s.deadLetter(p, jm, d, fmt.Sprintf("not settled within %d deliveries", s.cfg.MaxDeliver))
 			continue
 		}
 		deliveries = append(deliveries, d)
@@ -264,7 +285,7 @@ func (s *subscription) handle(msgs []jetstream.Msg) {
 	}
 	s.call(deliveries)
 	for i, d := range deliveries {
-		s.settle(raws[i], d)
+		s.settle(p, raws[i], d)
 	}
 }
 
@@ -285,26 +306,28 @@ func (s *subscription) call(deliveries []*broker.Delivery) {
 // reach the server (connection lost) only means the message is delivered
 // again after AckWait, so acks are sent without waiting for a reply; Stop
 // and Close flush them.
-func (s *subscription) settle(jm jetstream.Msg, d *broker.Delivery) {
+func (s *subscription) settle(p *pull, jm jetstream.Msg, d *broker.Delivery) {
 	settlement, delay, reason := d.Settlement()
 	var err error
 	switch settlement {
 	case broker.Acked:
+		p.release(jm)
 		err = jm.Ack()
 	case broker.DeadLettered:
-		s.deadLetter(jm, d, reason)
+		s.deadLetter(p, jm, d, reason)
 	default:
 		if d.Attempt >= s.cfg.MaxDeliver {
 			what := "nak'ed"
 			if settlement == broker.Unsettled {
 				what = "left unsettled"
 			}
-			s.deadLetter(jm, d, fmt.Sprintf("%s on attempt %d of %d", what, d.Attempt, s.cfg.MaxDeliver))
+			s.deadLetter(p, jm, d, fmt.Sprintf("%s on attempt %d of %d", what, d.Attempt, s.cfg.MaxDeliver))
 			return
 		}
 		if delay <= 0 {
 			delay = s.cfg.NakDelay
 		}
+		p.release(jm)
 		err = jm.NakWithDelay(delay)
 	}
 	if err != nil {
@@ -315,20 +338,23 @@ func (s *subscription) settle(jm jetstream.Msg, d *broker.Delivery) {
 
 // deadLetter publishes d's message to the dead-letter topic with reason, and
 // terminates the original. If the dead letter cannot be published, the
-// original is Nak'ed so that a later delivery tries again.
-func (s *subscription) deadLetter(jm jetstream.Msg, d *broker.Delivery, reason string) {
+// original is Nak'ed so that a later delivery tries again. The original is
+// kept in progress while the dead letter is published.
+func (s *subscription) deadLetter(p *pull, jm jetstream.Msg, d *broker.Delivery, reason string) {
 	reason = strings.ToValidUTF8(reason, "\uFFFD")
 	dm := broker.DeadLetterMessage(d, s.cfg.Group, reason)
 	ctx, cancel := context.WithTimeout(context.Background(), s.b.cfg.PublishTimeout)
 	defer cancel()
-	// One dead letter per message and group, even if this one is retried.
-	err := s.b.publishOne(ctx, s.cfg.DeadLetterTopic, dm, dm.ID+"."+s.cfg.Group)
-	s.finishDeadLetter(jm, d.Msg.ID, reason, err)
+	// One dead letter per message, topic and group, even if this one is
+	// retried.
+	id := deadLetterMsgID(s.cfg.DeadLetterTopic, s.cfg.Topic, s.cfg.Group, d.Msg)
+	err := s.b.publishOne(ctx, s.cfg.DeadLetterTopic, dm, id)
+	s.finishDeadLetter(p, jm, d.Msg.ID, reason, err)
 }
 
 // deadLetterRaw dead-letters a message that cannot be decoded: its headers
 // and body as they are, plus the dead-letter extensions as headers.
-func (s *subscription) deadLetterRaw(jm jetstream.Msg, attempt int, reason string) {
+func (s *subscription) deadLetterRaw(p *pull, jm jetstream.Msg, attempt int, reason string) {
 	reason = strings.ToValidUTF8(reason, "\uFFFD")
 	nm := nats.NewMsg(s.cfg.DeadLetterTopic)
 	for k, vs := range jm.Headers() {
@@ -340,11 +366,12 @@ func (s *subscription) deadLetterRaw(jm jetstream.Msg, attempt int, reason strin
 	for _, h := range s.deadLetterHeaders(reason, attempt) {
 		nm.Header.Set(h.Key, h.Value)
 	}
-	id := fmt.Sprintf("raw.%s", s.cfg.Group)
+	// A message whose place in its stream is unknown has no identity to
+	// dedup by: its dead letter then goes without a dedup id.
 	if md, err := jm.Metadata(); err == nil {
-		id = fmt.Sprintf("raw.%s.%d.%s", md.Stream, md.Sequence.Stream, s.cfg.Group)
+		nm.Header.Set(jetstream.MsgIDHeader,
+			rawDeadLetterMsgID(s.cfg.DeadLetterTopic, md.Stream, md.Sequence.Stream, s.cfg.Topic, s.cfg.Group))
 	}
-	nm.Header.Set(jetstream.MsgIDHeader, id)
 
 	ctx, cancel := context.WithTimeout(context.Background(), s.b.cfg.PublishTimeout)
 	defer cancel()
@@ -354,7 +381,7 @@ func (s *subscription) deadLetterRaw(jm jetstream.Msg, attempt int, reason strin
 		}
 		return s.b.publishMsg(ctx, s.cfg.DeadLetterTopic, nm)
 	}()
-	s.finishDeadLetter(jm, "", reason, err)
+	s.finishDeadLetter(p, jm, "", reason, err)
 }
 
 // deadLetterHeaders returns the dead-letter extensions as NATS binding
@@ -383,7 +410,8 @@ func (s *subscription) deadLetterHeaders(reason string, attempt int) []message.H
 
 // finishDeadLetter settles the original of a dead letter: terminated once
 // the dead letter is stored, Nak'ed for another try otherwise.
-func (s *subscription) finishDeadLetter(jm jetstream.Msg, id, reason string, publishErr error) {
+func (s *subscription) finishDeadLetter(p *pull, jm jetstream.Msg, id, reason string, publishErr error) {
+	p.release(jm)
 	if publishErr != nil {
 		s.log.Error("natsjs: dead letter not published; the message will be delivered again",
 			"id", id, "reason", reason, "dead_letter_topic", s.cfg.DeadLetterTopic, "err", publishErr)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -301,4 +302,201 @@ func TestSubscribe_DeletedConsumerIsRecreated(t *testing.T) {
 	}
 	publishAll(t, b, topic, 1, second)
 	receive(t, got, second)
+}
+
+// TestSubscribe_HandlerSlowerThanAckWaitKeepsItsMessages: while a handler
+// works on a batch for longer than AckWait, neither the batch nor the
+// message of the same pull waiting behind it is redelivered to another
+// member of the group, and both are handled on their first attempt.
+func TestSubscribe_HandlerSlowerThanAckWaitKeepsItsMessages(t *testing.T) {
+	const topic, ackWait = "shop.orders", time.Second
+	b := newBroker(t, Config{DataDir: t.TempDir()})
+	ctx := t.Context()
+	cfg := broker.SubscribeConfig{Topic: topic, Group: "billing", AckWait: ackWait, MaxBatch: 10}
+	first, second := numbered(1, "s"), numbered(1, "s")
+
+	entered, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	handled := make(chan *broker.Delivery, 16)
+	var calls atomic.Int32
+	subscribe(t, b, cfg, func(ctx context.Context, batch []*broker.Delivery) {
+		if calls.Add(1) == 1 {
+			close(entered)
+			select {
+			case <-release:
+			case <-ctx.Done():
+			}
+		}
+		for _, d := range batch {
+			d.Ack()
+			handled <- d
+		}
+	})
+	t.Cleanup(func() { once.Do(func() { close(release) }) }) // before the Stop of subscribe's cleanup
+
+	publishAll(t, b, topic, 1, first)
+	select {
+	case <-entered:
+	case <-time.After(wait):
+		t.Fatal("handler not called")
+	}
+	// Published while the pull is still open: it arrives at the slow member
+	// and waits behind the handler call.
+	publishAll(t, b, topic, 1, second)
+	cons, err := b.js.Consumer(ctx, escapeName(topic), "billing")
+	if err != nil {
+		t.Fatal(err)
+	}
+	poll := time.NewTicker(10 * time.Millisecond)
+	defer poll.Stop()
+	for deadline := time.Now().Add(wait); ; <-poll.C {
+		info, err := cons.Info(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.NumAckPending == 2 && info.NumPending == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("both messages not delivered to the slow member: %d awaiting ack, %d not delivered",
+				info.NumAckPending, info.NumPending)
+		}
+	}
+
+	// Another member joins; for three times AckWait it gets nothing.
+	other := make(chan *broker.Delivery, 16)
+	subscribe(t, b, cfg, func(_ context.Context, batch []*broker.Delivery) {
+		for _, d := range batch {
+			d.Ack()
+			other <- d
+		}
+	})
+	select {
+	case d := <-other:
+		t.Fatalf("message %s (attempt %d) redelivered to another member while the first was handling it", d.Msg.Data, d.Attempt)
+	case <-time.After(3 * ackWait):
+	}
+
+	once.Do(func() { close(release) })
+	for range 2 {
+		select {
+		case d := <-handled:
+			if d.Attempt != 1 {
+				t.Errorf("message %s handled on attempt %d, want 1", d.Msg.Data, d.Attempt)
+			}
+		case d := <-other:
+			t.Fatalf("message %s (attempt %d) redelivered to another member", d.Msg.Data, d.Attempt)
+		case <-time.After(wait):
+			t.Fatal("slow member did not handle both messages")
+		}
+	}
+	info, err := cons.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.NumRedelivered != 0 {
+		t.Errorf("%d messages were redelivered", info.NumRedelivered)
+	}
+}
+
+// TestStop_MessagesOnTheWayAreNotStranded: stopping members while messages
+// flow loses none of those the server had sent to them: the group gets
+// every message long before AckWait would bring a stranded one back, none
+// is dead-lettered for the attempts its bounces cost, and each Stop returns
+// within about a second.
+func TestStop_MessagesOnTheWayAreNotStranded(t *testing.T) {
+	const topic, members = "shop.orders", 6
+	b := newBroker(t, Config{DataDir: t.TempDir()})
+	// A stranded message would come back only after AckWait, beyond the
+	// test's wait.
+	cfg := broker.SubscribeConfig{Topic: topic, Group: "billing", AckWait: 2 * wait, MaxBatch: 20}
+
+	var mu sync.Mutex
+	var published []*message.Message
+	stopPublishing, publisherDone := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(publisherDone)
+		for {
+			select {
+			case <-stopPublishing:
+				return
+			default:
+			}
+			m := numbered(1, "s")
+			if err := b.Publish(context.Background(), topic, m...); err != nil {
+				t.Errorf("Publish: %v", err)
+				return
+			}
+			mu.Lock()
+			published = append(published, m[0])
+			mu.Unlock()
+		}
+	}()
+	defer func() {
+		select {
+		case <-stopPublishing:
+		default:
+			close(stopPublishing)
+		}
+		<-publisherDone
+	}()
+
+	got := make(chan *broker.Delivery, 1<<16)
+	handler := func(_ context.Context, batch []*broker.Delivery) {
+		for _, d := range batch {
+			d.Ack()
+			got <- d
+		}
+	}
+	received := make(map[string]bool)
+	var slowest time.Duration
+	for i := range members {
+		sub := subscribe(t, b, cfg, handler)
+		// Stop once this member has handled some messages, while more flow.
+		for n := 0; n < 20; {
+			select {
+			case d := <-got:
+				received[d.Msg.ID] = true
+				n++
+			case <-time.After(wait):
+				t.Fatalf("member %d received %d messages within %v", i, n, wait)
+			}
+		}
+		start := time.Now()
+		stopSub(t, sub)
+		slowest = max(slowest, time.Since(start))
+	}
+	close(stopPublishing)
+	<-publisherDone
+
+	last := subscribe(t, b, cfg, handler)
+	mu.Lock()
+	all := published
+	mu.Unlock()
+	missing := 0
+	for _, m := range all {
+		if !received[m.ID] {
+			missing++
+		}
+	}
+	timeout := time.After(wait)
+	for missing > 0 {
+		select {
+		case d := <-got:
+			if !received[d.Msg.ID] {
+				received[d.Msg.ID] = true
+				missing--
+			}
+		case <-timeout:
+			t.Fatalf("%d of %d messages not received within %v (AckWait %v): stranded at a stopped member, or dead-lettered",
+				missing, len(all), wait, cfg.AckWait)
+		}
+	}
+	// An idle member waits for its pull to expire.
+	start := time.Now()
+	stopSub(t, last)
+	slowest = max(slowest, time.Since(start))
+	if slowest > 3*pullWait {
+		t.Errorf("slowest Stop took %v, want about pullWait (%v) at most", slowest, pullWait)
+	}
 }
