@@ -1,0 +1,82 @@
+// Package inbox makes message consumers idempotent: every message has its
+// effect on the consumer's database exactly once per consumer group, although
+// brokers deliver at least once.
+//
+// # How
+//
+// The inbox keeps a table, troupe_inbox(consumer, message_id, source,
+// handled_at), whose primary key is (consumer, message_id, source): a message
+// is known by its id and source, which CloudEvents makes unique together, so
+// two producers that happen to use the same ids do not shadow each other. A handler's database effect
+// and the message's inbox row are written in one transaction: they commit
+// together or not at all. A message delivered again finds its row and is
+// acknowledged without calling the handler; a crash before the commit leaves
+// neither effect nor row, so the redelivery does the work.
+//
+//	ib, err := inbox.New(db, inbox.Config{})
+//	h := ib.Handler("billing", func(ctx context.Context, tx sqldb.Tx, m *message.Message) error {
+//		_, err := tx.Exec(ctx, "UPDATE accounts SET ...", ...)
+//		return err
+//	})
+//	sub, err := b.Subscribe(ctx, broker.SubscribeConfig{Topic: "shop.orders", Group: "billing"}, h)
+//
+// # Batches and savepoints
+//
+// Throughput comes from batching: each batch the broker delivers is handled
+// in one transaction, so a batch of 100 messages costs one commit (one fsync)
+// instead of 100. Each message runs under a SAVEPOINT: a handler that fails
+// or panics has its writes, and its inbox row, rolled back to the savepoint,
+// and the rest of the batch commits. After the commit the inbox settles each
+// delivery: handled messages and duplicates are acknowledged, transient
+// failures Nak'ed with a backoff delay computed from the delivery's attempt
+// (Config.Backoff; by default exponential from 1 s to 5 min with jitter),
+// and failures wrapped with Permanent dead-lettered with the error as the
+// reason. A message that keeps failing is dead-lettered by the broker on its
+// subscription's last attempt (MaxDeliver), or by the inbox at
+// Config.MaxAttempts, which puts the last error in the reason.
+//
+// The claim of the whole batch's inbox rows is one INSERT, and each message
+// costs one round trip beyond its handler's statements (RELEASE SAVEPOINT and
+// the next SAVEPOINT travel together), so on PostgreSQL a batch of 100 costs
+// about 100 round trips and one commit. On PostgreSQL each savepoint in
+// which a handler writes is a subtransaction; a transaction with more than
+// 64 of them overflows the server's per-backend subtransaction cache, which
+// can make other sessions' visibility checks slower while it runs. Batches of up to 64 messages
+// (SubscribeConfig.MaxBatch) stay clear of that.
+//
+// If the commit itself fails (database down, a deferred constraint violated)
+// nothing of the batch is written, and every message is Nak'ed. A message
+// whose effect fails only at commit therefore takes its batch down with it
+// until the broker dead-letters it; keep constraints immediate in handler
+// tables, or make the subscription's batches small, where that matters.
+//
+// # Concurrent duplicates
+//
+// Two consumers of a group can receive the same message at the same time
+// (a redelivery after AckWait while the first is still working). On
+// PostgreSQL the second one's insert of the inbox row waits for the first's
+// transaction: if it commits, the insert finds the row and the second
+// acknowledges without effect; if it rolls back, the second does the work.
+// On SQLite write transactions are serialized (BEGIN IMMEDIATE), so the
+// second transaction starts only after the first has ended, with the same
+// result. A handler holding row locks of its own in another order than the
+// inbox row can still deadlock with a concurrent duplicate on PostgreSQL;
+// the database then aborts one transaction, whose batch is Nak'ed and
+// retried.
+//
+// The handler's ctx carries the message being handled (message.WithCause):
+// messages the handler adds to an outbox in the same tx take their
+// correlation id, causation id and trace parent from it.
+//
+// # Retention
+//
+// Inbox rows are deleted Config.Retention (default 7 days) after their
+// message was handled, by Prune or by Run in the background, in bounded
+// batches. Retention must exceed the longest time after which the broker
+// may deliver a copy of a handled message: the redelivery horizon (AckWait
+// × MaxDeliver plus Nak delays, for a message whose acknowledgement was
+// lost) and the time a re-published copy can still reach the group (for
+// NATS JetStream, the stream's MaxAge when a relay re-publishes after the
+// dedup window; for Kafka, the topic's retention when a group is reset to
+// replay). A copy arriving after its row was pruned is handled again.
+package inbox
