@@ -1,0 +1,195 @@
+package outbox
+
+import (
+	"context"
+	"embed"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/troupedev/troupe/message"
+	"github.com/troupedev/troupe/sqldb"
+)
+
+//go:embed migrations
+var migrationFS embed.FS
+
+// Component is the name under which the outbox's migrations are recorded in
+// troupe_migrations.
+const Component = "outbox"
+
+// Table is the outbox table's name.
+const Table = "troupe_outbox"
+
+// Partitions is the number of partitions rows are spread over. A message's
+// partition is Partition(topic, subject): every message of one (topic,
+// subject) lands in the same partition, and a partition is relayed by one
+// relay at a time, in seq order. The number is fixed, because writers (Add)
+// and relays must agree on it without sharing a configuration; it also caps
+// how many relay instances can share the work.
+const Partitions = 16
+
+// maxRowsPerInsert bounds one INSERT's rows, to stay far below both
+// dialects' limit on bound parameters.
+const maxRowsPerInsert = 500
+
+// ErrInvalidMessage is matched by the error Add returns for a message that
+// cannot be stored (it fails message validation, or it is nil).
+var ErrInvalidMessage = errors.New("outbox: invalid message")
+
+// Migrate creates or updates the outbox's tables in db. It is safe to call
+// from several processes at once, at every start-up.
+func Migrate(ctx context.Context, db *sqldb.DB) error {
+	migs, err := sqldb.LoadMigrations(migrationFS, "migrations/"+db.Dialect().String())
+	if err != nil {
+		return fmt.Errorf("outbox: %w", err)
+	}
+	return db.Migrate(ctx, Component, migs)
+}
+
+// Partition returns the partition of a message with this topic and subject:
+// the FNV-1a hash of topic, a zero byte and subject, modulo Partitions.
+// It never changes for a given (topic, subject), in this or any later version.
+func Partition(topic, subject string) int {
+	h := fnv.New32a()
+	h.Write([]byte(topic))
+	h.Write([]byte{0})
+	h.Write([]byte(subject))
+	return int(h.Sum32() % Partitions)
+}
+
+// Add writes msgs to the outbox in tx, to be published on topic once tx
+// commits. Nothing is published if tx rolls back. Messages with the same
+// topic and subject are published in the order they were added, within one
+// transaction and across transactions that follow one another. Two
+// transactions that write the same subject at the same time have no order
+// between them: each row's seq is taken at insert, and the relay publishes
+// what is committed when it reads. Services normally serialize such writers
+// already, by updating the entity's own row in the same transaction.
+//
+// A message without an ID gets one (message.NewID). A message that lacks a
+// causation id takes the correlation id, causation id and trace parent of the
+// message ctx carries (see message.WithCause), so the messages a handler
+// writes continue the flow of the message it handles. Add sets these fields
+// on msgs themselves.
+//
+// tx is any transaction: one from sqldb.DB.InTx, or the application's own,
+// wrapped with sqldb.FromSQL or sqldb.FromPgx. On PostgreSQL the insert
+// NOTIFYs the channel "troupe_outbox" (a trigger does, delivered at commit),
+// which wakes relays in Notify mode; a relay in the same process can also be
+// woken with Relay.Notify after commit.
+func Add(ctx context.Context, tx sqldb.Tx, topic string, msgs ...*message.Message) error {
+	if topic == "" {
+		return fmt.Errorf("%w: empty topic", ErrInvalidMessage)
+	}
+	if len(msgs) == 0 {
+		return nil
+	}
+	message.InheritCause(ctx, msgs...)
+	now := time.Now().UTC()
+	rows := make([]any, 0, 6*min(len(msgs), maxRowsPerInsert))
+	for start := 0; start < len(msgs); start += maxRowsPerInsert {
+		chunk := msgs[start:min(start+maxRowsPerInsert, len(msgs))]
+		rows = rows[:0]
+		for i, m := range chunk {
+			if m == nil {
+				return fmt.Errorf("%w: message %d is nil", ErrInvalidMessage, start+i)
+			}
+			if m.ID == "" {
+				m.ID = message.NewID()
+			}
+			env, err := message.EncodeJSON(m)
+			if err != nil {
+				return fmt.Errorf("%w: message %d (id %q): %w", ErrInvalidMessage, start+i, m.ID, err)
+			}
+			rows = append(rows, m.ID, topic, m.Subject, Partition(topic, m.Subject), env, now)
+		}
+		q := "INSERT INTO troupe_outbox (id, topic, subject, partition, envelope, created_at) VALUES " + placeholders(len(chunk), 6)
+		if _, err := tx.Exec(ctx, q, rows...); err != nil {
+			return fmt.Errorf("outbox: add %d messages to topic %q: %w", len(chunk), topic, err)
+		}
+	}
+	return nil
+}
+
+// placeholders returns rows groups of cols $N placeholders.
+func placeholders(rows, cols int) string {
+	var b strings.Builder
+	n := 0
+	for r := range rows {
+		if r > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteByte('(')
+		for c := range cols {
+			if c > 0 {
+				b.WriteString(", ")
+			}
+			n++
+			b.WriteByte('$')
+			b.WriteString(strconv.Itoa(n))
+		}
+		b.WriteByte(')')
+	}
+	return b.String()
+}
+
+// Row is one outbox row as a relay reads it.
+type Row struct {
+	// Seq orders rows: the relay publishes a partition's rows in seq order.
+	Seq int64
+	// ID is the message id, the broker's dedup id.
+	ID string
+	// Topic is the topic to publish to.
+	Topic string
+	// Subject is the message's subject ("" when it has none).
+	Subject string
+	// Partition is Partition(Topic, Subject).
+	Partition int
+	// Envelope is the message in the CloudEvents JSON format
+	// (message.EncodeJSON); decode it with DecodeEnvelope.
+	Envelope []byte
+}
+
+// DecodeEnvelope decodes a row's envelope into the message to publish.
+func DecodeEnvelope(envelope []byte) (*message.Message, error) {
+	m, err := message.DecodeJSON(envelope)
+	if err != nil {
+		return nil, fmt.Errorf("outbox: decode envelope: %w", err)
+	}
+	return m, nil
+}
+
+// MarkDelivered sets delivered_at to at on the rows with the given seqs, in
+// one statement, so that relays skip them and retention deletes them later.
+// Marking a row twice is harmless.
+func MarkDelivered(ctx context.Context, db *sqldb.DB, at time.Time, seqs ...int64) error {
+	if len(seqs) == 0 {
+		return nil
+	}
+	var err error
+	if db.Dialect() == sqldb.Postgres {
+		_, err = db.Exec(ctx, "UPDATE troupe_outbox SET delivered_at = $1 WHERE seq = ANY($2)", at.UTC(), seqs)
+	} else {
+		_, err = db.Exec(ctx, "UPDATE troupe_outbox SET delivered_at = $1 WHERE seq IN ("+intList(seqs)+")", at.UTC())
+	}
+	if err != nil {
+		return fmt.Errorf("outbox: mark %d rows delivered: %w", len(seqs), err)
+	}
+	return nil
+}
+
+// intList writes seqs as a comma-separated list of integer literals.
+func intList[T int | int64](seqs []T) string {
+	var b strings.Builder
+	for i, s := range seqs {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString(strconv.FormatInt(int64(s), 10))
+	}
+	return b.String()
+}
