@@ -39,6 +39,10 @@ type Config struct {
 	// rate, latency is measured from when each batch was due, so a stall
 	// counts against every batch it delayed.
 	Rate int `json:"rate"`
+	// Mode selects a variant of the benchmark, where it has several: for
+	// outbox, the relay mode "poll", "notify" (the default) or "wal".
+	// Empty gives the benchmark's default.
+	Mode string `json:"mode,omitempty"`
 	// DataDir holds the benchmark's files; empty uses a temporary directory
 	// removed afterwards.
 	DataDir string `json:"-"`
