@@ -17,8 +17,10 @@ import (
 	"time"
 
 	"github.com/troupedev/troupe/broker"
+	"github.com/troupedev/troupe/inbox"
 	"github.com/troupedev/troupe/internal/brokeropen"
 	"github.com/troupedev/troupe/message"
+	"github.com/troupedev/troupe/outbox"
 	"github.com/troupedev/troupe/sqldb"
 )
 
@@ -48,11 +50,23 @@ type order struct {
 	TotalCents int64  `json:"total_cents"`
 }
 
+var orderMigrations = []sqldb.Migration{{
+	Version: 1,
+	Name:    "create_orders",
+	SQL: `CREATE TABLE orders (
+  order_id    TEXT PRIMARY KEY,
+  customer_id TEXT NOT NULL,
+  total_cents INTEGER NOT NULL,
+  state       TEXT NOT NULL
+);`,
+}}
+
+// The view has no unique key on the event: the inbox is what keeps a
+// redelivered event from being applied twice.
 var viewMigrations = []sqldb.Migration{{
 	Version: 1,
 	Name:    "create_order_history",
 	SQL: `CREATE TABLE order_history (
-  event_id    TEXT PRIMARY KEY,
   order_id    TEXT NOT NULL,
   customer_id TEXT NOT NULL,
   total_cents INTEGER NOT NULL
@@ -91,8 +105,11 @@ type run struct {
 	dir string
 	out io.Writer
 
-	view *sqldb.DB
-	ob   *brokeropen.Opened
+	orders    *sqldb.DB // the Order service's database, with its outbox
+	view      *sqldb.DB // the order-history view's database, with its inbox
+	ob        *brokeropen.Opened
+	relay     *outbox.Relay
+	relayStop func() error
 
 	mu        sync.Mutex
 	failedFor map[string]bool // event ids whose first attempt the demo fails
@@ -104,33 +121,37 @@ type run struct {
 func (d *run) say(format string, args ...any) { fmt.Fprintf(d.out, format+"\n", args...) }
 
 func (d *run) run(ctx context.Context) error {
-	d.say("Troupe demo: an Order service publishes events, an order-history view consumes them.")
-	d.say("Embedded defaults: SQLite and NATS JetStream in-process, files in %s\n", d.dir)
+	d.say("Troupe demo: an Order service commits orders with their events (outbox), a relay publishes them,")
+	d.say("and an order-history view applies each event exactly once (inbox).")
+	d.say("Embedded defaults: SQLite files and NATS JetStream in-process, in %s\n", d.dir)
 
 	var err error
-	d.view, err = sqldb.Open(ctx, "sqlite://"+filepath.Join(d.dir, "order-history.db"), nil)
-	if err != nil {
+	if d.orders, err = d.openDB(ctx, "orders.db", "demo.orders", orderMigrations, outbox.Migrate); err != nil {
+		return err
+	}
+	defer d.orders.Close()
+	if d.view, err = d.openDB(ctx, "order-history.db", "demo.order_history", viewMigrations, inbox.Migrate); err != nil {
 		return err
 	}
 	defer d.view.Close()
-	if err := d.view.Migrate(ctx, "demo.order_history", viewMigrations); err != nil {
-		return err
-	}
 	if err := d.openBroker(ctx); err != nil {
 		return err
 	}
 	defer func() { d.ob.Close() }()
+	if err := d.startRelay(ctx); err != nil {
+		return err
+	}
+	defer func() { d.relayStop() }()
 
-	// 1. Publish.
+	// 1. Commit orders and their events together.
 	t0 := time.Now()
-	placed, err := d.placeOrders(ctx, cfgOrders(d.cfg), 100)
+	placed, err := d.placeOrders(ctx, d.cfg.Orders, 100)
 	if err != nil {
 		return err
 	}
-	d.say("[1/5] placed %d orders: published %d %q events in batches of 100 (%s)", len(placed), len(placed), eventType, since(t0))
+	d.say("[1/5] placed %d orders: each order row and its %q event committed in one transaction (100 orders a transaction)", len(placed), eventType)
 
-	// 2. Consume into the view.
-	t0 = time.Now()
+	// 2. The relay publishes; the view consumes through its inbox.
 	sub, err := d.subscribeView(ctx)
 	if err != nil {
 		return err
@@ -142,10 +163,10 @@ func (d *run) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	d.say("[2/5] order-history view (SQLite): %d orders, %.2f in total, written one transaction per batch (%s)", len(placed), float64(total)/100, since(t0))
+	d.say("[2/5] the relay published them and the order-history view (SQLite) applied all %d: %.2f in total (%s from the first commit)", len(placed), float64(total)/100, since(t0))
 
-	// 3. Faults: a transient failure, a duplicate publish, a poison message.
-	if err := d.faults(ctx, placed, len(placed)); err != nil {
+	// 3. Faults: a transient failure, a relay that lost its marks, a poison message.
+	if err := d.faults(ctx, len(placed)); err != nil {
 		return err
 	}
 
@@ -153,10 +174,16 @@ func (d *run) run(ctx context.Context) error {
 	if err := sub.Stop(ctx); err != nil {
 		return err
 	}
+	if err := d.relayStop(); err != nil {
+		return err
+	}
 	if err := d.ob.Close(); err != nil {
 		return err
 	}
 	if err := d.openBroker(ctx); err != nil {
+		return err
+	}
+	if err := d.startRelay(ctx); err != nil {
 		return err
 	}
 	want := len(placed) + 1 + 1 // the orders, the flaky one, the poison one
@@ -191,11 +218,44 @@ func (d *run) run(ctx context.Context) error {
 		return fmt.Errorf("after the restart the view's handler saw %d deliveries, want %d", n, len(more))
 	}
 	d.say("[5/5] the order-history group resumed where it stopped: %d new orders applied, none of the %d before delivered again", len(more), rows)
-	d.say("\nDone. Sagas, the outbox and the reference shops arrive in later releases; see README.md.")
+	d.say("\nDone. Sagas and the reference shops arrive in later releases; see README.md.")
 	return nil
 }
 
-func cfgOrders(c Config) int { return c.Orders }
+// openDB opens a SQLite database in the demo's directory and migrates it:
+// the service's own tables, then Troupe's.
+func (d *run) openDB(ctx context.Context, file, component string, own []sqldb.Migration, troupe func(context.Context, *sqldb.DB) error) (*sqldb.DB, error) {
+	db, err := sqldb.Open(ctx, "sqlite://"+filepath.Join(d.dir, file), nil)
+	if err != nil {
+		return nil, err
+	}
+	if err := db.Migrate(ctx, component, own); err != nil {
+		db.Close()
+		return nil, err
+	}
+	if err := troupe(ctx, db); err != nil {
+		db.Close()
+		return nil, err
+	}
+	return db, nil
+}
+
+// startRelay runs the outbox relay of the Order service until relayStop.
+func (d *run) startRelay(ctx context.Context) error {
+	r, err := outbox.NewRelay(d.orders, d.ob.Broker, outbox.RelayConfig{})
+	if err != nil {
+		return err
+	}
+	rctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- r.Run(rctx) }()
+	d.relay = r
+	d.relayStop = func() error {
+		cancel()
+		return <-done
+	}
+	return nil
+}
 
 func (d *run) openBroker(ctx context.Context) error {
 	ob, err := brokeropen.Open(ctx, "nats", d.dir, slog.New(slog.DiscardHandler))
@@ -206,75 +266,73 @@ func (d *run) openBroker(ctx context.Context) error {
 	return nil
 }
 
-// placeOrders publishes n order events in batches and returns them.
+// placeOrders commits n orders, each with its event in the outbox, in
+// transactions of batch orders, and wakes the relay after each commit.
 func (d *run) placeOrders(ctx context.Context, n, batch int) ([]*message.Message, error) {
 	all := make([]*message.Message, 0, n)
 	for len(all) < n {
-		msgs := make([]*message.Message, 0, batch)
-		for i := 0; i < batch && len(all)+len(msgs) < n; i++ {
-			k := len(all) + len(msgs)
-			m, err := message.NewJSON(source, eventType, order{
-				OrderID:    fmt.Sprintf("order-%s", message.NewID()[24:]),
-				CustomerID: fmt.Sprintf("customer-%d", k%37),
-				TotalCents: int64(1000 + (k*7919)%9000),
-			})
-			if err != nil {
-				return nil, err
+		var msgs []*message.Message
+		err := d.orders.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+			msgs = msgs[:0]
+			for i := 0; i < batch && len(all)+len(msgs) < n; i++ {
+				k := len(all) + len(msgs)
+				o := order{
+					OrderID:    fmt.Sprintf("order-%s", message.NewID()[24:]),
+					CustomerID: fmt.Sprintf("customer-%d", k%37),
+					TotalCents: int64(1000 + (k*7919)%9000),
+				}
+				if _, err := tx.Exec(ctx, `INSERT INTO orders (order_id, customer_id, total_cents, state) VALUES ($1, $2, $3, 'PLACED')`,
+					o.OrderID, o.CustomerID, o.TotalCents); err != nil {
+					return err
+				}
+				m, err := message.NewJSON(source, eventType, o)
+				if err != nil {
+					return err
+				}
+				m.Subject = o.OrderID
+				m.CorrelationID = m.ID
+				msgs = append(msgs, m)
 			}
-			m.Subject = m.ID
-			m.CorrelationID = m.ID
-			msgs = append(msgs, m)
-		}
-		if err := d.ob.Broker.Publish(ctx, topic, msgs...); err != nil {
+			return outbox.Add(ctx, tx, topic, msgs...)
+		})
+		if err != nil {
 			return nil, err
 		}
+		d.relay.Notify()
 		all = append(all, msgs...)
 	}
 	return all, nil
 }
 
-// subscribeView consumes order events into the view: each batch in one
-// transaction, its rows keyed by event id so a redelivered event changes
-// nothing.
+// subscribeView consumes order events into the view through the inbox:
+// each batch in one transaction, each event's row and its inbox row
+// together, so a redelivered event changes nothing.
 func (d *run) subscribeView(ctx context.Context) (broker.Subscription, error) {
+	ib, err := inbox.New(d.view, inbox.Config{Backoff: func(int) time.Duration { return 200 * time.Millisecond }})
+	if err != nil {
+		return nil, err
+	}
+	apply := ib.Handler("order-history", func(ctx context.Context, tx sqldb.Tx, m *message.Message) error {
+		var o order
+		if err := json.Unmarshal(m.Data, &o); err != nil || o.OrderID == "" {
+			return inbox.Permanent(fmt.Errorf("order-history cannot read %s: %v", m.Type, errOr(err, "no order_id")))
+		}
+		d.mu.Lock()
+		fail := d.failedFor[m.ID]
+		delete(d.failedFor, m.ID)
+		d.mu.Unlock()
+		if fail {
+			return errors.New("the view's database is busy (a transient failure the demo injects)")
+		}
+		_, err := tx.Exec(ctx, `INSERT INTO order_history (order_id, customer_id, total_cents) VALUES ($1, $2, $3)`,
+			o.OrderID, o.CustomerID, o.TotalCents)
+		return err
+	})
 	return d.ob.Broker.Subscribe(ctx, broker.SubscribeConfig{
-		Topic: topic, Group: "order-history", MaxBatch: 100, NakDelay: 200 * time.Millisecond,
+		Topic: topic, Group: "order-history", MaxBatch: 64, NakDelay: 200 * time.Millisecond,
 	}, func(ctx context.Context, batch []*broker.Delivery) {
 		d.delivered.Add(int64(len(batch)))
-		var apply []*broker.Delivery
-		for _, dl := range batch {
-			var o order
-			if err := json.Unmarshal(dl.Msg.Data, &o); err != nil || o.OrderID == "" {
-				dl.DeadLetter(fmt.Sprintf("order-history cannot read %s: %v", dl.Msg.Type, errOr(err, "no order_id")))
-				continue
-			}
-			d.mu.Lock()
-			fail := d.failedFor[dl.Msg.ID] && dl.Attempt == 1
-			d.mu.Unlock()
-			if fail {
-				dl.Nak(200 * time.Millisecond)
-				continue
-			}
-			apply = append(apply, dl)
-		}
-		err := d.view.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
-			for _, dl := range apply {
-				var o order
-				_ = json.Unmarshal(dl.Msg.Data, &o)
-				if _, err := tx.Exec(ctx, `INSERT INTO order_history (event_id, order_id, customer_id, total_cents)
-VALUES (?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING`, dl.Msg.ID, o.OrderID, o.CustomerID, o.TotalCents); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-		for _, dl := range apply {
-			if err != nil {
-				dl.Nak(0)
-			} else {
-				dl.Ack()
-			}
-		}
+		apply(ctx, batch)
 		select {
 		case d.applied <- struct{}{}:
 		default:
@@ -289,8 +347,15 @@ func errOr(err error, s string) any {
 	return s
 }
 
-func (d *run) faults(ctx context.Context, placed []*message.Message, rows int) error {
-	// A transient failure: the first attempt of this event fails.
+func (d *run) faults(ctx context.Context, rows int) error {
+	dlq, err := d.ob.Broker.Subscribe(ctx, broker.SubscribeConfig{Topic: topic + ".dlq", Group: "operator"},
+		d.collect(1))
+	if err != nil {
+		return err
+	}
+	before := d.delivered.Load()
+
+	// A transient failure: the first attempt at this event fails.
 	flaky, err := message.NewJSON(source, eventType, order{OrderID: "order-flaky", CustomerID: "customer-1", TotalCents: 4200})
 	if err != nil {
 		return err
@@ -298,44 +363,42 @@ func (d *run) faults(ctx context.Context, placed []*message.Message, rows int) e
 	d.mu.Lock()
 	d.failedFor = map[string]bool{flaky.ID: true}
 	d.mu.Unlock()
-	// A duplicate: the first 100 events published again with the same ids.
-	// A poison message: data the view cannot read.
-	poison := message.New(source, eventType, []byte("this is not JSON"))
-	poison.DataContentType = "text/plain"
-
-	dlq, err := d.ob.Broker.Subscribe(ctx, broker.SubscribeConfig{Topic: topic + ".dlq", Group: "operator"},
-		d.collect(1))
-	if err != nil {
-		return err
-	}
-	before := d.delivered.Load()
-	if err := d.ob.Broker.Publish(ctx, topic, flaky); err != nil {
-		return err
-	}
-	if err := d.ob.Broker.Publish(ctx, topic, placed[:100]...); err != nil {
-		return err
-	}
-	if err := d.ob.Broker.Publish(ctx, topic, poison); err != nil {
+	if err := d.addEvents(ctx, flaky); err != nil {
 		return err
 	}
 	if err := d.waitForRows(ctx, rows+1); err != nil {
+		return err
+	}
+
+	// The relay loses its marks on 100 published events, as when it is
+	// killed between the broker's ack and marking them delivered: it
+	// publishes them again.
+	if _, err := d.orders.Exec(ctx, `UPDATE troupe_outbox SET delivered_at = NULL
+WHERE seq IN (SELECT seq FROM troupe_outbox ORDER BY seq LIMIT 100)`); err != nil {
+		return err
+	}
+	d.relay.Notify()
+	if err := d.waitForRelay(ctx); err != nil {
+		return err
+	}
+
+	// A poison message: data the view cannot read.
+	poison := message.New(source, eventType, []byte("this is not JSON"))
+	poison.DataContentType = "text/plain"
+	if err := d.addEvents(ctx, poison); err != nil {
 		return err
 	}
 	got, err := d.waitCollected(ctx)
 	if err != nil {
 		return err
 	}
-	// The flaky event twice, the poison one once, the duplicates never.
-	if n := d.delivered.Load() - before; n != 3 {
-		return fmt.Errorf("the view's handler saw %d deliveries during the faults, want 3", n)
-	}
-	d.say("[3/5] faults: an event whose first attempt failed was redelivered after 200ms and applied once;")
-	d.say("      100 events published again with the same ids were dropped by the broker's dedup window;")
 	if err := dlq.Stop(ctx); err != nil {
 		return err
 	}
-	dead := got[0]
-	d.say("      a malformed event went to %q with its reason: %q", topic+".dlq", dead.Extensions[broker.ExtDeadLetterReason])
+	// The flaky event twice, the poison one once, the re-published ones never.
+	if n := d.delivered.Load() - before; n != 3 {
+		return fmt.Errorf("the view's handler saw %d deliveries during the faults, want 3", n)
+	}
 	n, err := d.viewRows(ctx)
 	if err != nil {
 		return err
@@ -343,7 +406,43 @@ func (d *run) faults(ctx context.Context, placed []*message.Message, rows int) e
 	if n != rows+1 {
 		return fmt.Errorf("view has %d rows after the faults, want %d", n, rows+1)
 	}
+	d.say("[3/5] faults: an event whose first attempt failed was redelivered after 200ms and applied once;")
+	d.say("      the relay lost its marks on 100 published events and published them again: the broker's dedup dropped the copies;")
+	d.say("      a malformed event went to %q with its reason: %q", topic+".dlq", got[0].Extensions[broker.ExtDeadLetterReason])
 	return nil
+}
+
+// addEvents commits events to the Order service's outbox on their own.
+func (d *run) addEvents(ctx context.Context, msgs ...*message.Message) error {
+	err := d.orders.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+		return outbox.Add(ctx, tx, topic, msgs...)
+	})
+	d.relay.Notify()
+	return err
+}
+
+// waitForRelay waits until the outbox has no undelivered row.
+func (d *run) waitForRelay(ctx context.Context) error {
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	timeout := time.NewTimer(d.cfg.Timeout)
+	defer timeout.Stop()
+	for {
+		var pending int
+		if err := d.orders.QueryRow(ctx, "SELECT count(*) FROM troupe_outbox WHERE delivered_at IS NULL").Scan(&pending); err != nil {
+			return err
+		}
+		if pending == 0 {
+			return nil
+		}
+		select {
+		case <-tick.C:
+		case <-timeout.C:
+			return fmt.Errorf("the relay left %d events unpublished for %s", pending, d.cfg.Timeout)
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 }
 
 func (d *run) collect(n int) broker.Handler {

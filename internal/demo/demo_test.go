@@ -25,9 +25,10 @@ func TestDemo_RunsEveryStepOnEmbeddedDefaults(t *testing.T) {
 		t.Fatalf("demo failed: %v\noutput:\n%s", err, out.String())
 	}
 	for _, want := range []string{
-		"[1/5] placed 300 orders",
-		"[2/5] order-history view (SQLite): 300 orders",
+		"[1/5] placed 300 orders: each order row and its \"shop.order.placed\" event committed in one transaction",
+		"the order-history view (SQLite) applied all 300",
 		"redelivered after 200ms and applied once",
+		"published them again: the broker's dedup dropped the copies",
 		`went to "shop.orders.dlq" with its reason: "order-history cannot read shop.order.placed`,
 		"read all 302 events from the start, each once: nothing lost",
 		"[5/5] the order-history group resumed where it stopped: 10 new orders applied",
