@@ -30,7 +30,17 @@ type Publisher interface {
 	// duplicate with an inbox.
 	//
 	// When some messages fail, Publish returns a *PublishError naming them;
-	// the others were accepted.
+	// the others were accepted. Once a message with a Subject fails before
+	// the broker has taken it (it cannot be encoded, is too large, or the
+	// connection refuses it), Publish does not send the later messages of
+	// the batch with the same Subject, and reports them failed with
+	// [ErrNotSent]: they never overtake the failed one. Messages of other
+	// subjects go on. A failure the broker reports only in its
+	// acknowledgement (a missing or negative ack) can come too late to hold
+	// anything back: later messages of the subject may already be stored,
+	// and a resend of the failed one then lands behind them. Per-subject
+	// order is kept across such failures only as far as the broker itself
+	// keeps it (see each broker's documentation).
 	Publish(ctx context.Context, topic string, msgs ...*message.Message) error
 }
 
@@ -289,3 +299,9 @@ func (e *PublishError) Unwrap() []error {
 
 // ErrClosed is returned by calls on a closed broker.
 var ErrClosed = errors.New("broker: closed")
+
+// ErrNotSent marks, in a [PublishError], a message that Publish did not send
+// because an earlier message of the batch with the same Subject failed:
+// sending it would have let it overtake that message. Resend it after the
+// failed one.
+var ErrNotSent = errors.New("broker: not sent, held back behind a failed message of the same subject")

@@ -32,9 +32,17 @@
 // When the broker refuses a batch, the relay backs off (exponentially, on its
 // injected clock) and retries from the first row it could not publish: the
 // rows of a partition behind a failed one are never marked delivered before
-// it, so per-subject order survives broker outages. Rows that the broker did
-// accept behind a failure are published again after it, which the dedup id
-// absorbs.
+// it, and are published again after it. Order within a subject rests on the
+// broker too: by the broker.Publisher contract, a message refused before the
+// broker took it (too large, not encodable, refused by the connection) holds
+// back the later messages of its subject in the same Publish call, so none of
+// them is stored ahead of it. A failure the broker reports only in its
+// acknowledgement (a negative or missing ack, as when the broker goes down
+// mid-batch) may come after later messages of the subject were stored; the
+// relay then publishes the failed row and those behind it again, the dedup id
+// drops the copies already stored, and the failed message lands behind its
+// subject-mates. Per-subject order can therefore break across such an
+// acknowledgement failure, never across a refusal.
 //
 // Each round reads every held partition from its oldest pending row; the
 // relay keeps no cursor past rows it has seen. A transaction that took its
@@ -94,8 +102,19 @@
 //
 // # Limits
 //
-// Order is kept per (topic, subject) as far as the broker keeps it; messages
-// of different subjects may be published in any order. A message that the
-// broker refuses forever (too large, say) blocks its partition; the relay
-// logs each failure with the row's seq and id so an operator can remove it.
+// Order is kept per (topic, subject) as far as the broker keeps it (see
+// Relaying for the acknowledgement failures where it may not); messages of
+// different subjects may be published in any order.
+//
+// A message that can never be published blocks its partition: one larger
+// than the broker's maximum message size, or whose envelope exceeds the
+// relay's decoding limit (message.DefaultMaxSize, 1 MiB). The relay retries
+// it with backoff and never publishes the rows of its partition behind it,
+// since skipping it would break its subject's order. Every failed round logs, at Warn, the
+// row that holds its partition back with its seq, id, topic, subject,
+// partition and the broker's reason. An operator unblocks the partition by
+// deleting that row (DELETE FROM troupe_outbox WHERE seq = ...), after
+// copying it elsewhere if it matters, or by fixing it in place (its
+// envelope column) so the broker accepts it; the relay's next retry goes
+// on from there.
 package outbox

@@ -193,12 +193,20 @@ func (r *Relay) round(ctx context.Context) (full bool, err error) {
 
 	pctx, cancel := context.WithTimeout(ctx, left)
 	defer cancel()
-	// One Publish per topic, messages in seq order.
+	// One Publish per topic, messages in seq order. A row that cannot be
+	// decoded is not published, and neither are the rows behind it in its
+	// partition: they would overtake it.
 	var topics []string
 	byTopic := map[string][]int{}
+	undecodable := map[int]int64{} // partition -> seq of its first undecodable row
 	for i := range rows {
 		p := &rows[i]
+		if s, ok := undecodable[p.Partition]; ok {
+			p.err = fmt.Errorf("held back behind row seq %d of its partition: %w", s, broker.ErrNotSent)
+			continue
+		}
 		if p.msg, p.err = DecodeEnvelope(p.Envelope); p.err != nil {
+			undecodable[p.Partition] = p.Seq
 			continue
 		}
 		if _, ok := byTopic[p.Topic]; !ok {
@@ -235,7 +243,7 @@ func (r *Relay) round(ctx context.Context) (full bool, err error) {
 	blockedFrom := map[int]int64{}
 	var firstErr error
 	failed := 0
-	for _, p := range rows {
+	for _, p := range rows { // in seq order
 		if p.err == nil {
 			continue
 		}
@@ -243,8 +251,13 @@ func (r *Relay) round(ctx context.Context) (full bool, err error) {
 		if firstErr == nil {
 			firstErr = fmt.Errorf("publish row seq %d (id %s, topic %q): %w", p.Seq, p.ID, p.Topic, p.err)
 		}
-		if s, ok := blockedFrom[p.Partition]; !ok || p.Seq < s {
+		if _, ok := blockedFrom[p.Partition]; !ok {
 			blockedFrom[p.Partition] = p.Seq
+			// The row that holds its partition back: an operator who sees
+			// it fail round after round (a message the broker can never
+			// take) deletes or fixes it by seq.
+			r.log.Warn("outbox relay: row not published; the later rows of its partition wait for it",
+				"seq", p.Seq, "id", p.ID, "topic", p.Topic, "subject", p.Subject, "partition", p.Partition, "err", p.err)
 		}
 	}
 	done := make([]int64, 0, len(rows))

@@ -27,6 +27,16 @@ const publishWindow = 1024
 // in order, and Publish waits for all their acknowledgements; messages that
 // could not be encoded or were not acknowledged are reported in a
 // *broker.PublishError.
+//
+// Once a message fails before it is sent (it cannot be encoded, exceeds the
+// server's maximum payload, or the connection refuses it), the later
+// messages of the batch with the same non-empty Subject are not sent; they
+// are reported as failed with [broker.ErrNotSent], so they never reach the
+// stream ahead of the failed one. The same holds for the asynchronous
+// windows of a large batch: a window starts only once the previous one is
+// acknowledged, and skips the subjects that failed there. Within one window,
+// a message the server refuses only in its acknowledgement may already have
+// later messages of its subject stored behind it.
 func (b *Broker) Publish(ctx context.Context, topic string, msgs ...*message.Message) error {
 	if err := b.checkOpen(); err != nil {
 		return fmt.Errorf("natsjs: publish to %q: %w", topic, err)
@@ -46,13 +56,16 @@ func (b *Broker) Publish(ctx context.Context, topic string, msgs ...*message.Mes
 		return err
 	}
 
-	failed := make(map[int]error)
+	bt := &batch{topic: topic, msgs: msgs, failed: make(map[int]error), blocked: make(map[string]int)}
 	out := make([]*nats.Msg, 0, len(msgs))
 	index := make([]int, 0, len(msgs)) // position in msgs of each of out
 	for i, m := range msgs {
+		if bt.heldBack(i) {
+			continue
+		}
 		nm, err := encode(topic, m, "")
 		if err != nil {
-			failed[i] = err
+			bt.fail(i, err)
 			continue
 		}
 		out = append(out, nm)
@@ -61,32 +74,79 @@ func (b *Broker) Publish(ctx context.Context, topic string, msgs ...*message.Mes
 
 	if len(out) == 1 {
 		if _, err := b.js.PublishMsg(ctx, out[0]); err != nil {
-			failed[index[0]] = b.publishFailed(topic, err)
+			bt.fail(index[0], b.publishFailed(topic, err))
 		}
 	} else {
 		for start := 0; start < len(out); start += publishWindow {
 			end := min(start+publishWindow, len(out))
-			b.publishAsync(ctx, topic, out[start:end], index[start:end], failed)
+			b.publishAsync(ctx, bt, out[start:end], index[start:end])
 		}
 	}
-	if len(failed) > 0 {
-		return &broker.PublishError{Topic: topic, Failed: failed, Total: len(msgs)}
+	if len(bt.failed) > 0 {
+		return &broker.PublishError{Topic: topic, Failed: bt.failed, Total: len(msgs)}
 	}
 	return nil
 }
 
-// publishAsync publishes out without waiting between messages, then waits
-// for every acknowledgement, recording failures in failed by index.
-func (b *Broker) publishAsync(ctx context.Context, topic string, out []*nats.Msg, index []int, failed map[int]error) {
+// batch is the state of one Publish call: its failures by index, and the
+// subjects whose later messages are held back behind a failed one.
+type batch struct {
+	topic   string
+	msgs    []*message.Message
+	failed  map[int]error
+	blocked map[string]int // subject -> index of its first failed message
+}
+
+// subject returns the Subject of message i, "" for a nil message.
+func (bt *batch) subject(i int) string {
+	if m := bt.msgs[i]; m != nil {
+		return m.Subject
+	}
+	return ""
+}
+
+// fail records that message i failed with err; the later messages of its
+// subject are held back.
+func (bt *batch) fail(i int, err error) {
+	bt.failed[i] = err
+	if s := bt.subject(i); s != "" {
+		if _, ok := bt.blocked[s]; !ok {
+			bt.blocked[s] = i
+		}
+	}
+}
+
+// heldBack reports whether message i must not be sent because an earlier
+// message of its subject failed, and records it as not sent if so.
+func (bt *batch) heldBack(i int) bool {
+	s := bt.subject(i)
+	if s == "" {
+		return false
+	}
+	j, ok := bt.blocked[s]
+	if !ok || j >= i {
+		return false
+	}
+	bt.failed[i] = fmt.Errorf("held back behind message %d of the same subject %q: %w", j, s, broker.ErrNotSent)
+	return true
+}
+
+// publishAsync publishes out without waiting between messages, skipping
+// those held back behind a failure of their subject, then waits for every
+// acknowledgement, recording failures in bt.
+func (b *Broker) publishAsync(ctx context.Context, bt *batch, out []*nats.Msg, index []int) {
 	stallWait := b.cfg.PublishTimeout
 	if d, ok := ctx.Deadline(); ok {
 		stallWait = max(time.Until(d), time.Millisecond)
 	}
 	futures := make([]jetstream.PubAckFuture, len(out))
 	for i, nm := range out {
+		if bt.heldBack(index[i]) {
+			continue
+		}
 		f, err := b.js.PublishMsgAsync(nm, jetstream.WithStallWait(stallWait))
 		if err != nil {
-			failed[index[i]] = b.publishFailed(topic, err)
+			bt.fail(index[i], b.publishFailed(bt.topic, err))
 			continue
 		}
 		futures[i] = f
@@ -98,15 +158,15 @@ func (b *Broker) publishAsync(ctx context.Context, topic string, out []*nats.Msg
 		select {
 		case <-f.Ok():
 		case err := <-f.Err():
-			failed[index[i]] = b.publishFailed(topic, err)
+			bt.fail(index[i], b.publishFailed(bt.topic, err))
 		case <-ctx.Done():
 			// Take what has arrived meanwhile; the rest is unknown.
 			select {
 			case <-f.Ok():
 			case err := <-f.Err():
-				failed[index[i]] = b.publishFailed(topic, err)
+				bt.fail(index[i], b.publishFailed(bt.topic, err))
 			default:
-				failed[index[i]] = fmt.Errorf("no acknowledgement: %w", ctx.Err())
+				bt.fail(index[i], fmt.Errorf("no acknowledgement: %w", ctx.Err()))
 			}
 		}
 	}

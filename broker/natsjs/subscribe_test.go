@@ -241,13 +241,14 @@ func TestPublish_ExistingStreamIsUsed(t *testing.T) {
 	}
 }
 
-// TestPublish_FailuresAreReportedPerMessage: an invalid message fails alone;
-// the rest of the batch, larger than one asynchronous window, is stored.
+// TestPublish_FailuresAreReportedPerMessage: an invalid message without a
+// Subject fails alone; the rest of the batch, larger than one asynchronous
+// window, is stored.
 func TestPublish_FailuresAreReportedPerMessage(t *testing.T) {
 	const topic = "shop.orders"
 	b := newBroker(t, Config{DataDir: t.TempDir()})
 	ctx := t.Context()
-	msgs := numbered(publishWindow+500, "s")
+	msgs := numbered(publishWindow+500, "")
 	msgs[7].Source = ""
 	err := b.Publish(ctx, topic, msgs...)
 	var perr *broker.PublishError
