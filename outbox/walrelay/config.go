@@ -97,7 +97,7 @@ type Published struct {
 	Messages []*message.Message
 	// CommitTimes holds, for each of Messages, the commit time of the
 	// transaction that wrote it, as recorded by the server (zero for rows
-	// read from the initial snapshot).
+	// read from the table at the start of a session).
 	CommitTimes []time.Time
 	// Acked is when the broker acknowledged the batch.
 	Acked time.Time

@@ -26,13 +26,14 @@ type row struct {
 type relation struct {
 	outbox                   bool
 	seqCol, topicCol, envCol int
+	idCol                    int // -1 if the table has none
 }
 
 func newRelation(m *pglogrepl.RelationMessage) (relation, error) {
 	if m.RelationName != outbox.Table {
 		return relation{}, nil
 	}
-	rel := relation{outbox: true, seqCol: -1, topicCol: -1, envCol: -1}
+	rel := relation{outbox: true, seqCol: -1, topicCol: -1, envCol: -1, idCol: -1}
 	for i, c := range m.Columns {
 		switch c.Name {
 		case "seq":
@@ -41,6 +42,8 @@ func newRelation(m *pglogrepl.RelationMessage) (relation, error) {
 			rel.topicCol = i
 		case "envelope":
 			rel.envCol = i
+		case "id":
+			rel.idCol = i
 		}
 	}
 	if rel.seqCol < 0 || rel.topicCol < 0 || rel.envCol < 0 {
@@ -63,6 +66,15 @@ func (rel relation) insertRow(m *pglogrepl.InsertMessage) (row, error) {
 	return decodeRow(cols[rel.seqCol].Data, cols[rel.topicCol].Data, cols[rel.envCol].Data)
 }
 
+// idOf returns the text of the id column of an outbox insert, or "" when
+// the relation has no such column.
+func (rel relation) idOf(m *pglogrepl.InsertMessage) string {
+	if rel.idCol < 0 || rel.idCol >= len(m.Tuple.Columns) {
+		return ""
+	}
+	return string(m.Tuple.Columns[rel.idCol].Data)
+}
+
 // decodeRow decodes the text forms of seq, topic and envelope (bytea in hex
 // output) into a row.
 func decodeRow(seqText, topic, envText []byte) (row, error) {
@@ -78,9 +90,14 @@ func decodeRow(seqText, topic, envText []byte) (row, error) {
 	if _, err := hex.Decode(env, hexEnv); err != nil {
 		return row{}, fmt.Errorf("walrelay: outbox row %d: envelope: %w", seq, err)
 	}
+	return decodeEnvelope(seq, string(topic), env)
+}
+
+// decodeEnvelope makes a row of an outbox row's seq, topic and envelope.
+func decodeEnvelope(seq int64, topic string, env []byte) (row, error) {
 	msg, err := outbox.DecodeEnvelope(env)
 	if err != nil {
 		return row{}, fmt.Errorf("walrelay: outbox row %d: %w", seq, err)
 	}
-	return row{seq: seq, topic: string(topic), msg: msg}, nil
+	return row{seq: seq, topic: topic, msg: msg}, nil
 }

@@ -23,8 +23,8 @@
 // transaction the batch completed in a standby status update. A transaction
 // is confirmed only when all its rows, and all rows before it, are published.
 //
-// After a crash or a restart, the relay starts again from the slot's
-// confirmed position: nothing confirmed is lost, and what was published but
+// After a crash or a restart, the relay publishes the rows still undelivered
+// in the table (see below) and streams from the slot's confirmed position: nothing confirmed is lost, and what was published but
 // not yet confirmed is published again with the same message ids, which the
 // broker's dedup (NATS JetStream's window) drops and the consumer's inbox
 // absorbs beyond it. A clean stop finishes the batch in flight and confirms it,
@@ -32,26 +32,35 @@
 //
 // # Marking rows delivered
 //
-// The WAL alone says what to publish; marking rows is bookkeeping. The relay
-// marks them anyway, one UPDATE per batch, so the table means the same thing
-// whichever relay runs: retention (outbox.DeleteDelivered) deletes delivered
-// rows only, an operator counting pending rows sees the truth, and switching
-// back to the polling relay does not republish the past. The UPDATE's WAL is
+// The relay marks rows delivered, one UPDATE per batch, so the table means
+// the same thing whichever relay runs: retention (outbox.DeleteDelivered)
+// deletes delivered rows only, an operator counting pending rows sees the
+// truth, switching back to the polling relay does not republish the past, and
+// each session of this relay starts by publishing what is not marked (see
+// below). The UPDATE's WAL is
 // decoded by the server but not sent (the publication carries inserts only).
 // Its cost is part of the figures below. A row is marked only after the
 // broker acknowledged it, and its position is confirmed only after it is
 // marked, so a crash between the two republishes (and dedup absorbs) rather
 // than strands.
 //
-// # Rows written before the slot existed
+// # Rows written before the slot existed, and the table as a backstop
 //
-// A slot sees only what is committed after it is created. When the relay
-// creates the slot, it does so inside a transaction that uses the slot's
-// starting snapshot, reads the undelivered rows visible in it, and publishes
-// them first; later commits come from the WAL, so nothing falls between the
-// two. One window remains: a relay that dies after creating the slot and
-// before publishing those rows leaves them pending and unread. Create the slot
-// before the first writes (run the relay once at deployment) to close it.
+// A slot sees only what is committed after it is created. So every session,
+// once it holds the slot and before it publishes anything from the stream,
+// publishes the rows the table holds undelivered (delivered_at IS NULL), in
+// seq order, BatchSize at a time, and marks them delivered; the stream queues
+// meanwhile. Every such row is one committed before the slot existed (which
+// the stream will never bring), one the stream is about to bring again, or
+// one published but not yet marked; the relay does not publish again, from the
+// stream, the rows it has just published from the table, and the broker's
+// dedup and the consumers' inbox absorb any other repeat. Rows committed after
+// that read come from the stream. Because the table is read at the start of
+// every session, rows written before the slot existed are delivered whatever
+// happens to the session that created the slot (a stop while the broker is
+// down, a lost connection, two instances starting together). A row whose
+// envelope does not decode is logged with its seq and id and left
+// undelivered.
 //
 // # Several instances and failover
 //
@@ -80,9 +89,11 @@
 // it keeps growing. Bound the damage with the server setting
 // max_slot_wal_keep_size (PostgreSQL 13 and later): past that much WAL the
 // server invalidates the slot rather than fill the disk; Run then returns
-// ErrSlotInvalidated and the relay must be reset by dropping the slot (rows committed
-// after the invalidation and not yet published must then be republished from
-// the table, for example by running the polling relay once). Drop the slot of a
+// ErrSlotInvalidated and the relay must be reset by dropping the slot
+// (DropSlot); the next Run creates a new one and, as every session does, first
+// publishes the rows still undelivered in the table, so nothing pending is
+// lost (what the old slot had published but not marked goes out again, for
+// dedup to absorb). Drop the slot of a
 // retired relay with DropSlot(ctx, url, name), or in SQL with
 // SELECT pg_drop_replication_slot('troupe_outbox'); a database with a slot
 // cannot be dropped.
@@ -105,8 +116,18 @@
 // broker; beyond that it stops reading until the broker catches up, still
 // sending status updates so the server does not time the connection out. A
 // row whose envelope cannot be decoded cannot be published: it is logged and
-// skipped, and stays undelivered in the table. Per-subject order holds as far
-// as the broker keeps the order of one Publish call and of successive calls.
+// skipped, and stays undelivered in the table. So is a message the broker can
+// never take: one that does not validate or encode (message.ErrInvalid,
+// message.ErrTooLarge) or is larger than the broker's maximum payload (1 MiB
+// by default for NATS). When a batch fails with such an error, the relay
+// publishes its messages one at a time, logs each one refused for good with
+// its seq and id, leaves it undelivered and goes on with the stream; any other
+// failure is retried with backoff, holding everything behind it. A skipped
+// row is tried again (and logged again) at the start of each later session,
+// until an operator deletes or marks it. Per-subject order holds as far as the
+// broker keeps the order of one Publish call and of successive calls; the rows
+// read from the table at the start of a session go out in seq order, which
+// can differ from commit order between concurrent transactions.
 //
 // # Figures
 //

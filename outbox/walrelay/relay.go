@@ -5,11 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"time"
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/nats-io/nats.go"
 
 	"github.com/troupedev/troupe/message"
 	"github.com/troupedev/troupe/outbox"
@@ -51,8 +53,11 @@ func (r *Relay) Lag(ctx context.Context) (int64, error) {
 
 // Run relays outbox inserts to the Publisher until ctx ends, then returns nil
 // once every goroutine it started has ended. It creates the publication and
-// the slot if missing, streams from the slot's confirmed position, and
-// reconnects with backoff after a lost connection or a broker failure. When
+// the slot if missing and, in every session, once it holds the slot,
+// publishes the rows the table holds undelivered, then streams from the
+// slot's confirmed position. It retries a batch the broker refuses with
+// backoff, skips (logs, and leaves undelivered) a message the broker can
+// never take, and reconnects with backoff after a lost connection. When
 // another instance holds the slot, Run stands by, retrying with backoff, and
 // takes over once the holder's connection ends. Run returns an error only
 // for a setup that retrying cannot fix: no outbox table (ErrNoOutboxTable), a
@@ -123,16 +128,13 @@ func (r *Relay) session(ctx context.Context) (streamed bool, err error) {
 	if err != nil {
 		return false, err
 	}
-	var snapshot []row
 	if !exists {
-		var created bool
-		snapshot, created, err = createSlot(ctx, conn, r.cfg.SlotName)
+		created, err := createSlot(ctx, conn, r.cfg.SlotName)
 		if err != nil {
 			return false, err
 		}
 		if created {
-			r.cfg.Logger.Info("walrelay: created replication slot", slog.String("slot", r.cfg.SlotName),
-				slog.Int("undelivered_rows_in_snapshot", len(snapshot)))
+			r.cfg.Logger.Info("walrelay: created replication slot", slog.String("slot", r.cfg.SlotName))
 		}
 		if _, start, err = slotState(ctx, conn, r.cfg.SlotName); err != nil {
 			return false, err
@@ -152,17 +154,18 @@ func (r *Relay) session(ctx context.Context) (streamed bool, err error) {
 	r.cfg.Logger.Info("walrelay: streaming", slog.String("slot", r.cfg.SlotName), slog.String("from", start.String()))
 
 	p := newPipe(start)
-	for len(snapshot) > 0 {
-		n := min(len(snapshot), r.cfg.BatchSize)
-		p.push(chunk{rows: snapshot[:n:n]})
-		snapshot = snapshot[n:]
-	}
 
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	pubDone := make(chan error, 1)
 	go func() {
-		err := r.publishLoop(sctx, p, db)
+		// The stream is started, so this session holds the slot: publish
+		// what the table holds undelivered first, while the stream queues
+		// (and, once its queue is full, waits, still answering the server).
+		caught, err := r.catchUp(sctx, db)
+		if err == nil {
+			err = r.publishLoop(sctx, p, db, caught)
+		}
 		cancel() // a publisher that gave up ends the stream too
 		pubDone <- err
 	}()
@@ -314,7 +317,8 @@ func (r *Relay) stream(ctx context.Context, conn *pgconn.PgConn, p *pipe, start 
 					// No retry can publish a row whose envelope does not
 					// decode; it stays undelivered in the table for an
 					// operator to see, and the rest flow.
-					log.Error("walrelay: skipping an outbox row that cannot be published", slog.Any("err", err))
+					log.Error("walrelay: skipping an outbox row that cannot be published",
+						slog.String("id", rel.idOf(m)), slog.Any("err", err))
 					continue
 				}
 				rw.commitTime = commitTime
@@ -332,52 +336,207 @@ func (r *Relay) stream(ctx context.Context, conn *pgconn.PgConn, p *pipe, start 
 	}
 }
 
-// publishLoop publishes batches from p until ctx ends, retrying a refused
-// batch with backoff, then marks the rows delivered and acknowledges the
-// position of the transactions it completed. It returns an error when
-// marking fails, which ends the session: the rows come again from the slot.
-func (r *Relay) publishLoop(ctx context.Context, p *pipe, db *sqldb.DB) error {
-	seqs := make([]int64, 0, r.cfg.BatchSize)
+// publishLoop publishes batches from p until ctx ends (see deliver), then
+// acknowledges the position of the transactions it completed. It leaves out
+// the rows of caught (sorted seqs), which catchUp handled in this session.
+// It returns an error when marking fails, which ends the session: the rows
+// come again from the slot.
+func (r *Relay) publishLoop(ctx context.Context, p *pipe, db *sqldb.DB, caught []int64) error {
 	for {
 		rows, endLSN, ok := p.take(ctx, r.cfg.Clock, r.cfg.BatchSize, r.cfg.BatchWait)
 		if !ok {
 			return nil
 		}
+		if len(caught) > 0 {
+			rows = slices.DeleteFunc(rows, func(rw row) bool {
+				_, found := slices.BinarySearch(caught, rw.seq)
+				return found
+			})
+		}
 		if len(rows) > 0 {
-			for attempt := 0; ; attempt++ {
-				err := r.publish(ctx, rows)
-				if err == nil {
-					break
-				}
-				if ctx.Err() != nil {
-					return nil
-				}
-				delay := backoff(r.cfg.RetryMin, r.cfg.RetryMax, attempt)
-				r.cfg.Logger.Warn("walrelay: publish failed; retrying", slog.Any("err", err),
-					slog.Int("messages", len(rows)), slog.Duration("backoff", delay))
-				select {
-				case <-r.cfg.Clock.After(delay):
-				case <-ctx.Done():
-					return nil
-				}
-			}
-			seqs = seqs[:0]
-			for _, rw := range rows {
-				seqs = append(seqs, rw.seq)
-			}
-			// The broker has the batch: finish its bookkeeping even when
-			// the relay is stopping, so a clean stop republishes nothing.
-			mctx, mcancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-			err := outbox.MarkDelivered(mctx, db, r.cfg.Clock.Now(), seqs...)
-			mcancel()
+			done, err := r.deliver(ctx, db, rows)
 			if err != nil {
 				return err
+			}
+			if !done {
+				return nil
 			}
 		}
 		if endLSN != 0 {
 			p.ack(endLSN)
 		}
 	}
+}
+
+// catchUp publishes the outbox rows that are not marked delivered, in seq
+// order, BatchSize at a time, and marks them delivered. It returns the seqs
+// it handled, sorted, so that publishLoop does not publish again those the
+// stream brings. It runs at the start of every session, once the session
+// holds the slot: an undelivered row is then one committed before the slot
+// existed (which the stream will never bring), one the stream is about to
+// bring again, or one published but not yet marked; the broker's dedup and
+// the consumers' inbox absorb the repeats. Rows committed after it starts
+// reading come from the stream. A row whose envelope does not decode is
+// logged and left undelivered.
+func (r *Relay) catchUp(ctx context.Context, db *sqldb.DB) (caught []int64, err error) {
+	var bound int64
+	err = db.QueryRow(ctx, fmt.Sprintf("SELECT COALESCE(max(seq), 0) FROM %s WHERE delivered_at IS NULL", outbox.Table)).Scan(&bound)
+	if err != nil {
+		return nil, fmt.Errorf("read the undelivered rows: %w", err)
+	}
+	query := fmt.Sprintf("SELECT seq, id, topic, envelope FROM %s WHERE delivered_at IS NULL AND seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3", outbox.Table)
+	total := 0
+	for last := int64(0); last < bound; {
+		rows, n, err := r.readUndelivered(ctx, db, query, last, bound)
+		if err != nil {
+			return nil, err
+		}
+		if n == 0 {
+			break
+		}
+		for _, rw := range rows {
+			caught = append(caught, rw.seq)
+		}
+		last = n
+		if len(rows) > 0 {
+			done, err := r.deliver(ctx, db, rows)
+			if err != nil || !done {
+				return nil, err
+			}
+			total += len(rows)
+		}
+	}
+	if total > 0 {
+		r.cfg.Logger.Info("walrelay: published the rows found undelivered in the table", slog.Int("rows", total))
+	}
+	return caught, nil
+}
+
+// readUndelivered runs catchUp's query for the rows after seq last, up to
+// bound. It returns the rows it decoded and the highest seq read (0 if none).
+func (r *Relay) readUndelivered(ctx context.Context, db *sqldb.DB, query string, last, bound int64) (rows []row, maxSeq int64, err error) {
+	rs, err := db.Query(ctx, query, last, bound, r.cfg.BatchSize)
+	if err != nil {
+		return nil, 0, fmt.Errorf("read the undelivered rows: %w", err)
+	}
+	defer rs.Close()
+	for rs.Next() {
+		var (
+			seq       int64
+			id, topic string
+			env       []byte
+		)
+		if err := rs.Scan(&seq, &id, &topic, &env); err != nil {
+			return nil, 0, fmt.Errorf("read the undelivered rows: %w", err)
+		}
+		maxSeq = seq
+		rw, err := decodeEnvelope(seq, topic, env)
+		if err != nil {
+			// No retry can publish it; it stays undelivered in the table
+			// for an operator to see, and the rest flow.
+			r.cfg.Logger.Error("walrelay: skipping an outbox row that cannot be published",
+				slog.Int64("seq", seq), slog.String("id", id), slog.Any("err", err))
+			continue
+		}
+		rows = append(rows, rw)
+	}
+	if err := rs.Err(); err != nil {
+		return nil, 0, fmt.Errorf("read the undelivered rows: %w", err)
+	}
+	return rows, maxSeq, nil
+}
+
+// deliver publishes rows, retrying with backoff while the broker fails, and
+// marks delivered those the broker took. A message the broker can never
+// take (see permanent) is logged and left undelivered in the table, so the
+// rest flow. done is false when ctx ended before the broker took the rows;
+// err reports a failure to mark them.
+func (r *Relay) deliver(ctx context.Context, db *sqldb.DB, rows []row) (done bool, err error) {
+	sent, done := r.publishRetrying(ctx, rows)
+	if !done || len(sent) == 0 {
+		return done, nil
+	}
+	seqs := make([]int64, len(sent))
+	for i, rw := range sent {
+		seqs[i] = rw.seq
+	}
+	// The broker has the batch: finish its bookkeeping even when the relay
+	// is stopping, so a clean stop republishes nothing.
+	mctx, mcancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer mcancel()
+	if err := outbox.MarkDelivered(mctx, db, r.cfg.Clock.Now(), seqs...); err != nil {
+		return false, err
+	}
+	return true, nil
+}
+
+// publishRetrying publishes rows, retrying with backoff, and returns those
+// the broker took: all of them unless some can never be published, which a
+// message-by-message retry then sorts out. ok is false when ctx ended.
+func (r *Relay) publishRetrying(ctx context.Context, rows []row) (sent []row, ok bool) {
+	for attempt := 0; ; attempt++ {
+		err := r.publish(ctx, rows)
+		if err == nil {
+			return rows, true
+		}
+		if ctx.Err() != nil {
+			return nil, false
+		}
+		if permanent(err) {
+			return r.publishEach(ctx, rows)
+		}
+		if !r.retryWait(ctx, err, len(rows), attempt) {
+			return nil, false
+		}
+	}
+}
+
+// publishEach publishes rows one at a time, skipping (and logging) those the
+// broker can never take and retrying the others with backoff.
+func (r *Relay) publishEach(ctx context.Context, rows []row) (sent []row, ok bool) {
+	for _, rw := range rows {
+		for attempt := 0; ; attempt++ {
+			err := r.publish(ctx, []row{rw})
+			if err == nil {
+				sent = append(sent, rw)
+				break
+			}
+			if ctx.Err() != nil {
+				return nil, false
+			}
+			if permanent(err) {
+				r.cfg.Logger.Error("walrelay: skipping an outbox row the broker refuses; it stays undelivered in the table",
+					slog.Int64("seq", rw.seq), slog.String("id", rw.msg.ID), slog.String("topic", rw.topic), slog.Any("err", err))
+				break
+			}
+			if !r.retryWait(ctx, err, 1, attempt) {
+				return nil, false
+			}
+		}
+	}
+	return sent, true
+}
+
+// retryWait logs a failed publish and waits out its backoff; false means
+// ctx ended.
+func (r *Relay) retryWait(ctx context.Context, err error, n, attempt int) bool {
+	delay := backoff(r.cfg.RetryMin, r.cfg.RetryMax, attempt)
+	r.cfg.Logger.Warn("walrelay: publish failed; retrying", slog.Any("err", err),
+		slog.Int("messages", n), slog.Duration("backoff", delay))
+	select {
+	case <-r.cfg.Clock.After(delay):
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// permanent reports whether err says a message can never be published, so
+// that retrying it would only halt the relay: a message that does not
+// validate or encode, or one larger than the broker accepts.
+func permanent(err error) bool {
+	return errors.Is(err, message.ErrInvalid) || errors.Is(err, message.ErrTooLarge) ||
+		errors.Is(err, message.ErrMalformed) || errors.Is(err, nats.ErrMaxPayload)
 }
 
 // publish sends rows to the broker, one Publish call per topic, in row order

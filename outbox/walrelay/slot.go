@@ -29,8 +29,8 @@ var (
 	ErrSlotMismatch = errors.New("walrelay: replication slot exists for another database or plugin")
 	// ErrSlotInvalidated reports a slot the server invalidated because it
 	// held more WAL than max_slot_wal_keep_size: the WAL it needed is gone.
-	// Drop the slot (DropSlot) and republish what was pending from the table
-	// before starting the WAL relay again.
+	// Drop the slot (DropSlot) and start the relay again: its first session
+	// publishes the rows still undelivered in the table.
 	ErrSlotInvalidated = errors.New("walrelay: replication slot was invalidated (max_slot_wal_keep_size exceeded)")
 	// ErrSlotNotFound reports a slot that does not exist (DropSlot, Lag).
 	ErrSlotNotFound = errors.New("walrelay: replication slot not found")
@@ -149,41 +149,20 @@ func slotState(ctx context.Context, conn *pgconn.PgConn, slot string) (exists bo
 	return true, confirmed, nil
 }
 
-// createSlot creates the permanent slot and, in the snapshot the slot starts
-// from, reads the outbox rows not yet delivered: they were committed before
-// the slot existed, so the WAL stream will not bring them. created is false
-// when another instance created the slot first.
-func createSlot(ctx context.Context, conn *pgconn.PgConn, slot string) (rows []row, created bool, err error) {
-	if _, err := conn.Exec(ctx, "BEGIN READ ONLY ISOLATION LEVEL REPEATABLE READ").ReadAll(); err != nil {
-		return nil, false, fmt.Errorf("begin snapshot transaction: %w", err)
-	}
+// createSlot creates the permanent slot. created is false when another
+// instance created it first. Rows committed before the slot existed are not
+// in its stream; every session publishes them from the table (catchUp).
+func createSlot(ctx context.Context, conn *pgconn.PgConn, slot string) (created bool, err error) {
 	_, err = pglogrepl.CreateReplicationSlot(ctx, conn, slot, "pgoutput",
-		pglogrepl.CreateReplicationSlotOptions{Mode: pglogrepl.LogicalReplication, SnapshotAction: "USE_SNAPSHOT"})
+		pglogrepl.CreateReplicationSlotOptions{Mode: pglogrepl.LogicalReplication, SnapshotAction: "NOEXPORT_SNAPSHOT"})
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == codeDuplicateObject {
+		return false, nil
+	}
 	if err != nil {
-		_, _ = conn.Exec(ctx, "ROLLBACK").ReadAll()
-		var pgErr *pgconn.PgError
-		if errors.As(err, &pgErr) && pgErr.Code == codeDuplicateObject {
-			return nil, false, nil
-		}
-		return nil, false, fmt.Errorf("create replication slot %s: %w", slot, err)
+		return false, fmt.Errorf("create replication slot %s: %w", slot, err)
 	}
-	res, err := conn.Exec(ctx, fmt.Sprintf(
-		"SELECT seq, topic, envelope FROM %s WHERE delivered_at IS NULL ORDER BY seq", outbox.Table)).ReadAll()
-	if err != nil {
-		_, _ = conn.Exec(ctx, "ROLLBACK").ReadAll()
-		return nil, true, fmt.Errorf("read undelivered rows in the slot's snapshot: %w", err)
-	}
-	if _, err := conn.Exec(ctx, "COMMIT").ReadAll(); err != nil {
-		return nil, true, fmt.Errorf("end snapshot transaction: %w", err)
-	}
-	for _, r := range res[0].Rows {
-		rw, err := decodeRow(r[0], r[1], r[2])
-		if err != nil {
-			return nil, true, err
-		}
-		rows = append(rows, rw)
-	}
-	return rows, true, nil
+	return true, nil
 }
 
 // DropSlot drops the relay's replication slot named slot in the database at
