@@ -21,7 +21,12 @@ import (
 // Subject spread over the partitions in no order relative to each other.
 //
 // When some messages fail, Publish returns a *[broker.PublishError] naming
-// them; the others were accepted. After [Broker.Close] it returns
+// them; the others were accepted. A message that cannot be encoded, or that
+// is larger than the producer's batch limit, fails before anything is sent,
+// and the later messages of its Subject in the call are not sent either
+// ([broker.ErrNotSent]), so they never overtake it. Once records are handed
+// to the producer, its idempotent, ordered retries keep a partition in
+// order: a batch that fails for good fails the records behind it too. After [Broker.Close] it returns
 // [broker.ErrClosed].
 func (b *Broker) Publish(ctx context.Context, topic string, msgs ...*message.Message) error {
 	if b.isClosed() {
@@ -49,10 +54,27 @@ func (b *Broker) publish(ctx context.Context, topic string, msgs ...*message.Mes
 	failed := make(map[int]error)
 	records := make([]*kgo.Record, 0, len(msgs))
 	index := make([]int, 0, len(msgs)) // index[i] is the batch index of records[i]
+	maxBytes := b.batchMaxBytes()
+	blocked := make(map[string]int) // subject -> index of its first failed message
 	for i, m := range msgs {
+		if m != nil && m.Subject != "" {
+			if first, ok := blocked[m.Subject]; ok {
+				failed[i] = fmt.Errorf("%w: behind message %d of subject %q", broker.ErrNotSent, first, m.Subject)
+				continue
+			}
+		}
 		r, err := newRecord(topic, m)
+		if err == nil {
+			if n := recordSize(r); n > maxBytes {
+				err = fmt.Errorf("kafka: message %q: about %d bytes, over the producer's batch limit of %d (kgo.ProducerBatchMaxBytes): %w",
+					m.ID, n, maxBytes, message.ErrTooLarge)
+			}
+		}
 		if err != nil {
 			failed[i] = err
+			if m != nil && m.Subject != "" {
+				blocked[m.Subject] = i
+			}
 			continue
 		}
 		records = append(records, r)
@@ -70,6 +92,26 @@ func (b *Broker) publish(ctx context.Context, topic string, msgs ...*message.Mes
 		return &broker.PublishError{Topic: topic, Failed: failed, Total: len(msgs)}
 	}
 	return nil
+}
+
+// batchMaxBytes is the producer's limit on one record batch, which no single
+// record may exceed.
+func (b *Broker) batchMaxBytes() int {
+	if v, ok := b.client.OptValue(kgo.ProducerBatchMaxBytes).(int32); ok && v > 0 {
+		return int(v)
+	}
+	return 1000012 // franz-go's default
+}
+
+// recordSize estimates r's encoded size in a batch from above: its key,
+// value and headers plus a fixed allowance for lengths, offsets and
+// timestamps. A record under the producer's limit by this estimate fits.
+func recordSize(r *kgo.Record) int {
+	n := 64 + len(r.Key) + len(r.Value)
+	for _, h := range r.Headers {
+		n += 10 + len(h.Key) + len(h.Value)
+	}
+	return n
 }
 
 // newRecord encodes m as a record for topic.

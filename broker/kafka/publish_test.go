@@ -77,6 +77,7 @@ func TestPublish_ReportsFailedMessagesAndAcceptsTheRest(t *testing.T) {
 	b := newBroker(t, c)
 	msgs := numbered("order-1", 3)
 	msgs[1].Source = "" // required
+	msgs[2].Subject = "order-2"
 
 	err := b.Publish(context.Background(), "orders", msgs...)
 	var perr *broker.PublishError
@@ -96,6 +97,35 @@ func TestPublish_ReportsFailedMessagesAndAcceptsTheRest(t *testing.T) {
 	for _, d := range all {
 		if d.id == msgs[1].ID {
 			t.Errorf("the refused message was delivered")
+		}
+	}
+}
+
+// A message that fails before it is sent holds back the later messages of
+// its subject in the same call, so they never overtake it; other subjects
+// go on.
+func TestPublish_FailedMessageHoldsBackItsSubjectMates(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t)
+	b := newBroker(t, c)
+	a := numbered("a", 3)
+	other := numbered("b", 1)
+	a[1].Data = make([]byte, 2<<20) // over the producer's batch limit
+	msgs := []*message.Message{a[0], a[1], other[0], a[2]}
+
+	err := b.Publish(context.Background(), "orders", msgs...)
+	var perr *broker.PublishError
+	if !errors.As(err, &perr) {
+		t.Fatalf("Publish = %v, want a *broker.PublishError", err)
+	}
+	if len(perr.Failed) != 2 || !errors.Is(perr.Failed[1], message.ErrTooLarge) || !errors.Is(perr.Failed[3], broker.ErrNotSent) {
+		t.Fatalf("PublishError.Failed = %v, want message 1 too large and message 3 not sent", perr.Failed)
+	}
+	seen := newCollector()
+	subscribe(t, b, broker.SubscribeConfig{Topic: "orders", Group: "billing"}, seen.acking())
+	for _, d := range seen.waitIDs(t, "the messages sent", a[0], other[0]) {
+		if d.id == a[1].ID || d.id == a[2].ID {
+			t.Errorf("message %s was delivered, want it held back", d.id)
 		}
 	}
 }
