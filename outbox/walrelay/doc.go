@@ -136,8 +136,10 @@
 //
 //   - troupe bench outbox --db postgres --mode wal (fsync and synchronous_commit
 //     on): at an offered 1,000 messages/s (10 per transaction), commit-to-publish
-//     latency p50 0.5 ms, p99 2.7 ms; unpaced, the relay drained a backlog of
-//     317,200 messages at about 21,000 messages/s.
+//     latency p50 0.5 to 1.9 ms, p99 2.7 to 5.8 ms; unpaced, the relay drained a
+//     backlog of about 400,000 messages at 21,000 to 32,000 messages/s (since
+//     every session starts by reading the table, such a backlog goes through
+//     that read, which walks the primary key in seq order).
 //   - go test -bench WALRelay (fsync off): draining a backlog, 24,000 to 32,000
 //     messages/s; relaying while 4 writers commit as fast as they can on the
 //     same cores, 16,000 to 19,000 messages/s; at 1,000 messages/s, p50 under
