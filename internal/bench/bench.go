@@ -270,6 +270,32 @@ func WriteJSON(w io.Writer, r *Result) error {
 	return err
 }
 
+// runPaced runs cfg.Concurrency workers from start until start +
+// cfg.Duration, each calling the function newWorker returns for it once per
+// batch, when the batch is due (paced by cfg.Rate; back to back without
+// one). Worker w starts w milliseconds after start, so paced workers do not
+// all fire at once. Batches that fell due but never started are counted on
+// rec. runPaced returns when every worker has stopped.
+func runPaced(ctx context.Context, cfg Config, start time.Time, rec *Recorder, newWorker func(w int) func(due time.Time)) {
+	deadline := start.Add(cfg.Duration)
+	var wg sync.WaitGroup
+	for w := range cfg.Concurrency {
+		batch := newWorker(w)
+		wg.Go(func() {
+			pace := NewPacer(cfg, start.Add(time.Duration(w)*time.Millisecond))
+			defer func() { rec.Omit(pace.Missed(deadline) * cfg.Batch) }()
+			for time.Now().Before(deadline) {
+				due, ok := pace.Wait(ctx)
+				if !ok || !due.Before(deadline) {
+					return
+				}
+				batch(due)
+			}
+		})
+	}
+	wg.Wait()
+}
+
 // Pacer spaces one worker's batches so that all workers together offer
 // cfg.Rate operations per second. Without a rate it never waits.
 type Pacer struct {

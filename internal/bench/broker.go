@@ -74,41 +74,7 @@ func runBroker(ctx context.Context, cfg Config) (*Result, error) {
 
 	fmt.Fprintf(cfg.Progress, "bench broker: %s, %d publishers, batches of %d, for %s\n", ob.Description, cfg.Concurrency, cfg.Batch, cfg.Duration)
 	start := time.Now()
-	deadline := start.Add(cfg.Duration)
-	var wg sync.WaitGroup
-	var pubErr atomic.Value
-	for w := range cfg.Concurrency {
-		wg.Go(func() {
-			pace := NewPacer(cfg, start.Add(time.Duration(w)*time.Millisecond))
-			defer func() { rec.Omit(pace.Missed(deadline) * cfg.Batch) }()
-			for time.Now().Before(deadline) {
-				due, ok := pace.Wait(ctx)
-				if !ok || !due.Before(deadline) {
-					return
-				}
-				msgs := make([]*message.Message, cfg.Batch)
-				for i := range msgs {
-					m := message.New("/bench", "troupe.bench.ping", []byte(`{"n":1}`))
-					m.Subject = fmt.Sprintf("w%d-%d", w, i%8)
-					m.DataContentType = "application/json"
-					msgs[i] = m
-				}
-				for _, m := range msgs {
-					sent.Store(m.ID, due)
-				}
-				if err := b.Publish(ctx, topic, msgs...); err != nil {
-					pubErr.Store(err)
-					for _, m := range msgs {
-						sent.Delete(m.ID)
-						rec.Error()
-					}
-					continue
-				}
-				published.Add(int64(len(msgs)))
-			}
-		})
-	}
-	wg.Wait()
+	pubErr := publishPaced(ctx, cfg, b, topic, "troupe.bench.ping", start, &rec, &sent, &published)
 	pubElapsed := time.Since(start)
 	stopPublishing.Store(true)
 
@@ -139,11 +105,43 @@ func runBroker(ctx context.Context, cfg Config) (*Result, error) {
 		"broker: "+ob.Description,
 		fmt.Sprintf("publish phase: %d messages in %.2fs (%.0f/s)", published.Load(), pubElapsed.Seconds(), float64(published.Load())/pubElapsed.Seconds()),
 		"db: not used by this benchmark")
-	if v := pubErr.Load(); v != nil {
-		res.Notes = append(res.Notes, "last publish error: "+v.(error).Error())
+	if pubErr != nil {
+		res.Notes = append(res.Notes, "last publish error: "+pubErr.Error())
 	}
 	if res.Ops == 0 {
 		return nil, errors.New("no message was consumed")
 	}
 	return res, nil
+}
+
+// publishPaced runs cfg.Concurrency publishers that send batches of
+// cfg.Batch messages of type typ to topic (see runPaced), storing each
+// message's due time in sent before the publish and counting what the broker
+// accepted in published. It returns the last publish error, if any.
+func publishPaced(ctx context.Context, cfg Config, b broker.Publisher, topic, typ string, start time.Time,
+	rec *Recorder, sent *sync.Map, published *atomic.Int64) error {
+	var pubErr atomic.Value
+	runPaced(ctx, cfg, start, rec, func(w int) func(time.Time) {
+		return func(due time.Time) {
+			msgs := make([]*message.Message, cfg.Batch)
+			for i := range msgs {
+				m := message.New("/bench", typ, []byte(`{"n":1}`))
+				m.Subject = fmt.Sprintf("w%d-%d", w, i%8)
+				m.DataContentType = "application/json"
+				msgs[i] = m
+				sent.Store(m.ID, due)
+			}
+			if err := b.Publish(ctx, topic, msgs...); err != nil {
+				pubErr.Store(err)
+				for _, m := range msgs {
+					sent.Delete(m.ID)
+					rec.Error()
+				}
+				return
+			}
+			published.Add(int64(len(msgs)))
+		}
+	})
+	err, _ := pubErr.Load().(error)
+	return err
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/troupedev/troupe/message"
@@ -46,35 +45,24 @@ func runCommit(ctx context.Context, cfg Config) (*Result, error) {
 	fmt.Fprintf(cfg.Progress, "bench commit: %s, %d workers, %d rows per transaction, for %s\n", bdb.description, cfg.Concurrency, cfg.Batch, cfg.Duration)
 	var rec Recorder
 	start := time.Now()
-	deadline := start.Add(cfg.Duration)
-	var wg sync.WaitGroup
-	for w := range cfg.Concurrency {
-		wg.Go(func() {
-			args := make([]any, 0, 3*cfg.Batch)
-			pace := NewPacer(cfg, start)
-			defer func() { rec.Omit(pace.Missed(deadline) * cfg.Batch) }()
-			for time.Now().Before(deadline) {
-				due, ok := pace.Wait(ctx)
-				if !ok || !due.Before(deadline) {
-					return
-				}
-				args = args[:0]
-				for range cfg.Batch {
-					args = append(args, message.NewID(), w, `{"amount":1}`)
-				}
-				err := db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
-					_, err := tx.Exec(ctx, insert, args...)
-					return err
-				})
-				if err != nil {
-					rec.Error()
-					continue
-				}
-				rec.ObserveN(time.Since(due), cfg.Batch)
+	runPaced(ctx, cfg, start, &rec, func(w int) func(time.Time) {
+		args := make([]any, 0, 3*cfg.Batch)
+		return func(due time.Time) {
+			args = args[:0]
+			for range cfg.Batch {
+				args = append(args, message.NewID(), w, `{"amount":1}`)
 			}
-		})
-	}
-	wg.Wait()
+			err := db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+				_, err := tx.Exec(ctx, insert, args...)
+				return err
+			})
+			if err != nil {
+				rec.Error()
+				return
+			}
+			rec.ObserveN(time.Since(due), cfg.Batch)
+		}
+	})
 	res := &Result{Unit: "row", Latency: fmt.Sprintf("one transaction of %d rows, begin to commit", cfg.Batch)}
 	if cfg.Rate > 0 {
 		res.Latency = fmt.Sprintf("one transaction of %d rows, from when it was due (paced by --rate) to commit", cfg.Batch)

@@ -102,38 +102,7 @@ func runInbox(ctx context.Context, cfg Config) (*Result, error) {
 	fmt.Fprintf(cfg.Progress, "bench inbox: %s, %s, %d publishers and %d group members, batches of %d, for %s\n",
 		bdb.description, ob.Description, cfg.Concurrency, cfg.Concurrency, cfg.Batch, cfg.Duration)
 	start := time.Now()
-	deadline := start.Add(cfg.Duration)
-	var wg sync.WaitGroup
-	var pubErr atomic.Value
-	for w := range cfg.Concurrency {
-		wg.Go(func() {
-			pace := NewPacer(cfg, start.Add(time.Duration(w)*time.Millisecond))
-			defer func() { rec.Omit(pace.Missed(deadline) * cfg.Batch) }()
-			for time.Now().Before(deadline) {
-				due, ok := pace.Wait(ctx)
-				if !ok || !due.Before(deadline) {
-					return
-				}
-				msgs := make([]*message.Message, cfg.Batch)
-				for i := range msgs {
-					m := message.New("/bench", "troupe.bench.order", []byte(`{"amount":1}`))
-					m.Subject = fmt.Sprintf("w%d-%d", w, i%8)
-					msgs[i] = m
-					sent.Store(m.ID, due)
-				}
-				if err := b.Publish(ctx, topic, msgs...); err != nil {
-					pubErr.Store(err)
-					for _, m := range msgs {
-						sent.Delete(m.ID)
-						rec.Error()
-					}
-					continue
-				}
-				published.Add(int64(len(msgs)))
-			}
-		})
-	}
-	wg.Wait()
+	pubErr := publishPaced(ctx, cfg, b, topic, "troupe.bench.order", start, &rec, &sent, &published)
 
 	// Wait for the consumers to commit everything that was published, as
 	// long as they make progress.
@@ -169,8 +138,8 @@ func runInbox(ctx context.Context, cfg Config) (*Result, error) {
 		"db: "+bdb.description,
 		"broker: "+ob.Description,
 		fmt.Sprintf("effects: %d rows for %d messages published; %d deliveries not acked on their first try", effects, published.Load(), failed.Load()))
-	if v := pubErr.Load(); v != nil {
-		res.Notes = append(res.Notes, "last publish error: "+v.(error).Error())
+	if pubErr != nil {
+		res.Notes = append(res.Notes, "last publish error: "+pubErr.Error())
 	}
 	if res.Ops == 0 {
 		return nil, errors.New("no message was committed")

@@ -206,42 +206,31 @@ func runOutbox(ctx context.Context, cfg Config) (*Result, error) {
 		wake = relay.notify // same process: the in-process wake
 	}
 	wstart := time.Now()
-	deadline := wstart.Add(cfg.Duration)
-	var wg sync.WaitGroup
-	for w := range cfg.Concurrency {
-		wg.Go(func() {
-			pace := NewPacer(cfg, wstart.Add(time.Duration(w)*time.Millisecond))
-			defer func() { rec.Omit(pace.Missed(deadline) * cfg.Batch) }()
-			n := 0
-			for time.Now().Before(deadline) {
-				due, ok := pace.Wait(ctx)
-				if !ok || !due.Before(deadline) {
-					return
-				}
-				msgs := make([]*message.Message, cfg.Batch)
-				for i := range msgs {
-					m := message.New("/bench/outbox", "troupe.bench.outbox", []byte(`{"amount":1}`))
-					m.Subject = fmt.Sprintf("w%d-%d", w, n%64)
-					m.DataContentType = "application/json"
-					msgs[i] = m
-					n++
-				}
-				err := db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
-					return outbox.Add(ctx, tx, topic, msgs...)
-				})
-				if err != nil {
-					for range msgs {
-						rec.Error()
-					}
-					continue
-				}
-				tr.commit(msgs, time.Now())
-				written.Add(int64(len(msgs)))
-				wake()
+	runPaced(ctx, cfg, wstart, &rec, func(w int) func(time.Time) {
+		n := 0
+		return func(time.Time) {
+			msgs := make([]*message.Message, cfg.Batch)
+			for i := range msgs {
+				m := message.New("/bench/outbox", "troupe.bench.outbox", []byte(`{"amount":1}`))
+				m.Subject = fmt.Sprintf("w%d-%d", w, n%64)
+				m.DataContentType = "application/json"
+				msgs[i] = m
+				n++
 			}
-		})
-	}
-	wg.Wait()
+			err := db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+				return outbox.Add(ctx, tx, topic, msgs...)
+			})
+			if err != nil {
+				for range msgs {
+					rec.Error()
+				}
+				return
+			}
+			tr.commit(msgs, time.Now())
+			written.Add(int64(len(msgs)))
+			wake()
+		}
+	})
 	writeElapsed := time.Since(wstart)
 
 	// Drain: with --rate the relay is already running; without, it starts
