@@ -1,0 +1,374 @@
+package timer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/troupedev/troupe/message"
+	"github.com/troupedev/troupe/outbox"
+	"github.com/troupedev/troupe/sqldb"
+)
+
+// Run fires due timers until ctx ends, then returns nil once every goroutine
+// it started has ended. It returns an error only if the scheduler is
+// already running. Failures while running (the database down, a handler
+// failing) are retried and logged, never returned.
+//
+// Timers into the outbox and local handlers fire in batches of up to
+// Config.BatchSize, each batch one transaction that applies the timers'
+// effects and deletes them; due timers go first, in due order, so after
+// downtime the overdue ones fire at once, oldest first. HTTP tasks run
+// alongside, up to Config.HTTPConcurrency calls at a time.
+func (s *Scheduler) Run(ctx context.Context) error {
+	if !s.running.TryLock() {
+		return ErrRunning
+	}
+	defer s.running.Unlock()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	wg.Go(func() { s.httpLoop(ctx) })
+	s.fireLoop(ctx)
+	cancel()
+	wg.Wait()
+	return nil
+}
+
+// idleWait is how long a loop waits when due timers exist but another
+// scheduler holds them all: a short pause, not a spin, not a poll interval.
+const idleWait = 20 * time.Millisecond
+
+// fireLoop runs rounds of firing, waiting between them for the next due
+// timer, a wake, the poll interval, or a backoff after a failure.
+func (s *Scheduler) fireLoop(ctx context.Context) {
+	clock := s.cfg.Clock
+	failures := 0
+	for ctx.Err() == nil {
+		fired, full, err := s.fireDue(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			failures++
+			b := s.loopBackoff(failures)
+			s.log.Warn("timer: firing round failed; backing off", "err", err, "failures", failures, "backoff", b)
+			select {
+			case <-ctx.Done():
+			case <-clock.After(b):
+			}
+			continue
+		}
+		failures = 0
+		if len(fired) > 0 && s.cfg.OnFired != nil {
+			s.cfg.OnFired(fired)
+		}
+		if full {
+			continue
+		}
+		wait := s.cfg.PollInterval
+		next, ok, err := s.nextDue(ctx, false)
+		switch {
+		case err != nil:
+			if ctx.Err() == nil {
+				s.log.Warn("timer: reading the next due time failed", "err", err)
+			}
+		case ok:
+			d := next.Sub(clock.Now())
+			if d <= 0 {
+				if len(fired) > 0 {
+					continue // more fell due while this round ran
+				}
+				d = idleWait // due, but held by another scheduler
+			}
+			wait = min(wait, d)
+		}
+		select {
+		case <-ctx.Done():
+		case <-s.wake:
+		case <-clock.After(wait):
+		}
+	}
+}
+
+// loopBackoff is the wait after n failed rounds in a row: 100 ms doubling to
+// 10 s.
+func (s *Scheduler) loopBackoff(n int) time.Duration {
+	d := 100 * time.Millisecond
+	for i := 1; i < n && d < 10*time.Second; i++ {
+		d *= 2
+	}
+	return min(d, 10*time.Second)
+}
+
+// nextDue returns the due time of the earliest pending timer this scheduler
+// can fire: of the in-transaction kinds (http false) or of HTTP tasks.
+func (s *Scheduler) nextDue(ctx context.Context, http bool) (time.Time, bool, error) {
+	var (
+		q    string
+		args []any
+	)
+	if http {
+		q = `SELECT due_at FROM troupe_timers WHERE failed_at IS NULL AND kind = 3 ORDER BY due_at, id LIMIT 1`
+	} else {
+		var filter string
+		filter, args = s.kindFilter(1)
+		q = `SELECT due_at FROM troupe_timers WHERE failed_at IS NULL AND kind < 3 AND ` + filter + ` ORDER BY due_at, id LIMIT 1`
+	}
+	var due time.Time
+	err := s.db.QueryRow(ctx, q, args...).Scan(&due)
+	if errors.Is(err, sqldb.ErrNoRows) {
+		return time.Time{}, false, nil
+	}
+	if err != nil {
+		return time.Time{}, false, fmt.Errorf("timer: next due time: %w", err)
+	}
+	return due, true, nil
+}
+
+// kindFilter returns the condition that picks the timers this scheduler can
+// fire in a transaction: every topic timer, and handler timers whose handler
+// it has. Its placeholders start at $first.
+func (s *Scheduler) kindFilter(first int) (string, []any) {
+	names := s.handlerNames()
+	if len(names) == 0 {
+		return "kind = 1", nil
+	}
+	if s.db.Dialect() == sqldb.Postgres {
+		return "(kind = 1 OR target = ANY($" + strconv.Itoa(first) + "))", []any{names}
+	}
+	var b strings.Builder
+	args := make([]any, len(names))
+	b.WriteString("(kind = 1 OR target IN (")
+	for i, n := range names {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteString("$" + strconv.Itoa(first+i))
+		args[i] = n
+	}
+	b.WriteString("))")
+	return b.String(), args
+}
+
+// dueRow is a timer read for firing.
+type dueRow struct {
+	id       string
+	kind     Kind
+	target   string
+	due      time.Time
+	payload  []byte
+	schedule string
+	attempts int
+}
+
+// fireDue fires one batch of due timers in one transaction. full reports a
+// batch of BatchSize rows: more may be due.
+func (s *Scheduler) fireDue(ctx context.Context) (fired []Fired, full bool, err error) {
+	now := s.cfg.Clock.Now().UTC()
+	err = s.db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+		fired, full = nil, false
+		pg := tx.Dialect() == sqldb.Postgres
+		if pg {
+			// The transaction holds the batch's row locks: it is the lease.
+			// If it sits idle for LeaseTTL (its process hung or cut off), the
+			// server ends it and the timers are free for another scheduler.
+			ms := strconv.FormatInt(s.cfg.LeaseTTL.Milliseconds(), 10)
+			if _, err := tx.Exec(ctx, "SET LOCAL idle_in_transaction_session_timeout = "+ms); err != nil {
+				return fmt.Errorf("set the lease: %w", err)
+			}
+		}
+		rows, err := s.claimDue(ctx, tx, now)
+		if err != nil {
+			return err
+		}
+		full = len(rows) == s.cfg.BatchSize
+		if len(rows) == 0 {
+			return nil
+		}
+		fired, err = s.apply(ctx, tx, now, rows)
+		return err
+	})
+	if err != nil {
+		return nil, false, err
+	}
+	at := s.cfg.Clock.Now()
+	for i := range fired {
+		fired[i].At = at
+	}
+	return fired, full, nil
+}
+
+// claimDue reads and locks the batch: due timers of the in-transaction
+// kinds, oldest first, skipping those another scheduler holds.
+func (s *Scheduler) claimDue(ctx context.Context, tx sqldb.Tx, now time.Time) ([]dueRow, error) {
+	filter, fargs := s.kindFilter(3)
+	q := `SELECT id, kind, target, due_at, payload, schedule, attempts FROM troupe_timers
+		WHERE failed_at IS NULL AND kind < 3 AND due_at <= $1 AND ` + filter + `
+		ORDER BY due_at, id LIMIT $2`
+	if tx.Dialect() == sqldb.Postgres {
+		q += ` FOR UPDATE SKIP LOCKED`
+	}
+	args := append([]any{now, s.cfg.BatchSize}, fargs...)
+	rs, err := tx.Query(ctx, q, args...)
+	if err != nil {
+		return nil, fmt.Errorf("read due timers: %w", err)
+	}
+	var rows []dueRow
+	for rs.Next() {
+		var r dueRow
+		var kind int
+		if err := rs.Scan(&r.id, &kind, &r.target, &r.due, &r.payload, &r.schedule, &r.attempts); err != nil {
+			rs.Close()
+			return nil, fmt.Errorf("read due timers: %w", err)
+		}
+		r.kind = Kind(kind)
+		rows = append(rows, r)
+	}
+	if err := rs.Close(); err != nil {
+		return nil, fmt.Errorf("read due timers: %w", err)
+	}
+	return rows, nil
+}
+
+// apply fires rows in tx: topic timers into the outbox, handler timers
+// through their handlers (each under a savepoint), then deletes what fired,
+// records what failed, and inserts the next occurrence of recurring
+// schedules.
+func (s *Scheduler) apply(ctx context.Context, tx sqldb.Tx, now time.Time, rows []dueRow) ([]Fired, error) {
+	var (
+		fired   []Fired
+		done    []string // ids to delete
+		topics  []string // topics in first-seen order
+		byTopic = map[string][]*message.Message{}
+		failed  []failure // handler failures and undecodable rows
+	)
+	occurrences := make([]dueRow, 0)
+	for _, r := range rows {
+		if r.schedule != "" {
+			occurrences = append(occurrences, r)
+		}
+	}
+	// A recurring schedule may skip its occurrence (MissedSkip); the rest
+	// fire. The next occurrences are planned before firing so that a
+	// schedule deleted meanwhile fires nothing more.
+	skip, err := s.planNext(ctx, tx, now, occurrences)
+	if err != nil {
+		return nil, err
+	}
+	for _, r := range rows {
+		if skip[r.id] {
+			done = append(done, r.id)
+			continue
+		}
+		m, err := message.DecodeJSON(r.payload)
+		if err != nil {
+			failed = append(failed, failure{row: r, err: Permanent(fmt.Errorf("stored message cannot be decoded: %w", err))})
+			continue
+		}
+		f := Fired{ID: r.id, Kind: r.kind, Target: r.target, Due: r.due, Attempt: r.attempts + 1, Schedule: r.schedule, Msg: m}
+		switch r.kind {
+		case KindTopic:
+			if _, ok := byTopic[r.target]; !ok {
+				topics = append(topics, r.target)
+			}
+			byTopic[r.target] = append(byTopic[r.target], m)
+			fired = append(fired, f)
+			done = append(done, r.id)
+		case KindHandler:
+			h := s.handler(r.target)
+			if h == nil { // unregistered since the batch was read
+				continue
+			}
+			if _, err := tx.Exec(ctx, "SAVEPOINT troupe_timer"); err != nil {
+				return nil, fmt.Errorf("savepoint: %w", err)
+			}
+			herr := s.call(message.WithCause(ctx, m), tx, h, &f)
+			if herr != nil {
+				if _, err := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT troupe_timer"); err != nil {
+					return nil, fmt.Errorf("roll back handler %q of timer %q: %w", r.target, r.id, err)
+				}
+				failed = append(failed, failure{row: r, err: herr})
+				continue
+			}
+			if _, err := tx.Exec(ctx, "RELEASE SAVEPOINT troupe_timer"); err != nil {
+				return nil, fmt.Errorf("release savepoint: %w", err)
+			}
+			fired = append(fired, f)
+			done = append(done, r.id)
+		}
+	}
+	for _, topic := range topics {
+		if err := outbox.Add(ctx, tx, topic, byTopic[topic]...); err != nil {
+			return nil, fmt.Errorf("fire into the outbox: %w", err)
+		}
+	}
+	if err := deleteIDs(ctx, tx, done); err != nil {
+		return nil, err
+	}
+	for _, f := range failed {
+		if err := s.recordFailure(ctx, tx, now, f.row, f.err, s.cfg.MaxAttempts); err != nil {
+			return nil, err
+		}
+	}
+	return fired, nil
+}
+
+// failure is a timer whose firing failed in this round.
+type failure struct {
+	row dueRow
+	err error
+}
+
+// recordFailure counts the failed attempt of r and either sets it to retry
+// after the backoff or, when err is permanent or the attempts are spent,
+// marks it failed for an operator.
+func (s *Scheduler) recordFailure(ctx context.Context, tx sqldb.Tx, now time.Time, r dueRow, ferr error, maxAttempts int) error {
+	attempt := r.attempts + 1
+	reason := ferr.Error()
+	if errors.Is(ferr, ErrPermanent) || attempt >= maxAttempts {
+		s.log.Error("timer: failed; kept for an operator", "id", r.id, "kind", r.kind, "target", r.target, "attempts", attempt, "err", ferr)
+		_, err := tx.Exec(ctx, `UPDATE troupe_timers SET attempts = $1, last_error = $2, failed_at = $3 WHERE id = $4`, attempt, reason, now, r.id)
+		if err != nil {
+			return fmt.Errorf("mark timer %q failed: %w", r.id, err)
+		}
+		return nil
+	}
+	retryAt := now.Add(s.cfg.Backoff(attempt))
+	s.log.Warn("timer: attempt failed; will retry", "id", r.id, "kind", r.kind, "target", r.target, "attempt", attempt, "retry_at", retryAt, "err", ferr)
+	_, err := tx.Exec(ctx, `UPDATE troupe_timers SET attempts = $1, last_error = $2, due_at = $3 WHERE id = $4`, attempt, reason, retryAt, r.id)
+	if err != nil {
+		return fmt.Errorf("reschedule failed timer %q: %w", r.id, err)
+	}
+	return nil
+}
+
+// deleteIDs deletes the timers with these ids.
+func deleteIDs(ctx context.Context, tx sqldb.Tx, ids []string) error {
+	for start := 0; start < len(ids); start += 500 {
+		chunk := ids[start:min(start+500, len(ids))]
+		var err error
+		if tx.Dialect() == sqldb.Postgres {
+			_, err = tx.Exec(ctx, `DELETE FROM troupe_timers WHERE id = ANY($1)`, chunk)
+		} else {
+			args := make([]any, len(chunk))
+			var b strings.Builder
+			for i, id := range chunk {
+				if i > 0 {
+					b.WriteString(", ")
+				}
+				b.WriteString("$" + strconv.Itoa(i+1))
+				args[i] = id
+			}
+			_, err = tx.Exec(ctx, `DELETE FROM troupe_timers WHERE id IN (`+b.String()+`)`, args...)
+		}
+		if err != nil {
+			return fmt.Errorf("delete %d fired timers: %w", len(chunk), err)
+		}
+	}
+	return nil
+}
