@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	_ "time/tzdata" // cron schedules read in a time zone work on machines without a zone database
 
 	"github.com/troupedev/troupe/internal/cli"
 )
