@@ -194,7 +194,7 @@ type sqlTx struct {
 }
 
 func (t sqlTx) Exec(ctx context.Context, query string, args ...any) (int64, error) {
-	res, err := t.q.ExecContext(ctx, query, args...)
+	res, err := t.q.ExecContext(ctx, t.rewrite(query), args...)
 	if err != nil {
 		return 0, err
 	}
@@ -202,7 +202,7 @@ func (t sqlTx) Exec(ctx context.Context, query string, args ...any) (int64, erro
 }
 
 func (t sqlTx) Query(ctx context.Context, query string, args ...any) (Rows, error) {
-	rows, err := t.q.QueryContext(ctx, query, args...)
+	rows, err := t.q.QueryContext(ctx, t.rewrite(query), args...)
 	if err != nil {
 		return nil, err
 	}
@@ -210,7 +210,16 @@ func (t sqlTx) Query(ctx context.Context, query string, args ...any) (Rows, erro
 }
 
 func (t sqlTx) QueryRow(ctx context.Context, query string, args ...any) Row {
-	return t.q.QueryRowContext(ctx, query, args...)
+	return t.q.QueryRowContext(ctx, t.rewrite(query), args...)
+}
+
+// rewrite makes a SQLite query's many $N placeholders cheap to bind (see
+// positional).
+func (t sqlTx) rewrite(query string) string {
+	if t.d == SQLite {
+		return positional(query)
+	}
+	return query
 }
 
 func (t sqlTx) Dialect() Dialect { return t.d }
