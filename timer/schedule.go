@@ -36,9 +36,11 @@ const (
 	// then continues with the first occurrence after now. A job that
 	// reconciles state ("send the daily report") wants this.
 	MissedFireOnce MissedPolicy = iota
-	// MissedSkip drops an occurrence that is more than Schedule.Grace late
-	// and continues with the first occurrence after now. A job whose late
-	// run is worthless ("wake the warehouse at 06:00") wants this.
+	// MissedSkip drops every occurrence that is more than Schedule.Grace
+	// late and continues with the first one that is not: one still within
+	// Grace fires at once, else the first occurrence after now. A job
+	// whose late run is worthless ("wake the warehouse at 06:00") wants
+	// this.
 	MissedSkip
 	// MissedFireAll fires every missed occurrence, oldest first, one after
 	// another, each with its own occurrence time. A job that must account
@@ -84,18 +86,25 @@ type Schedule struct {
 
 	// Cron is a five-field cron expression (minute hour day-of-month month
 	// day-of-week, e.g. "30 6 * * mon-fri") or a descriptor (@hourly,
-	// @daily, @weekly, @monthly, @yearly), read in TimeZone. Exactly one of
-	// Cron and Every is set.
+	// @daily, @weekly, @monthly, @yearly), read in TimeZone. As in
+	// crontab(5), when both day fields are restricted a day matching
+	// either one occurs ("0 0 1 * mon": the 1st, and every Monday).
+	// Exactly one of Cron and Every is set.
 	Cron string
 
 	// TimeZone is the IANA name of the zone Cron is read in, e.g.
 	// "Europe/Paris". Default "UTC". Across a daylight-saving change, a
 	// time that does not exist (02:30 when clocks jump from 02:00 to 03:00)
-	// fires at the jump, and a time that occurs twice fires once.
+	// fires at the jump, and a time that occurs twice fires once (at its
+	// first instant). A schedule whose hour field is "*" runs every hour
+	// and follows real time instead: nothing extra at the jump, and both
+	// passes of a repeated hour. Zones come from the machine's zone
+	// database; a binary that may run without one embeds Go's with import
+	// _ "time/tzdata" (cmd/troupe does).
 	TimeZone string
 
 	// Every is a fixed interval: occurrences at Start + k·Every, the same
-	// instants on every instance and across restarts.
+	// instants on every instance and across restarts. At least 1 s.
 	Every time.Duration
 
 	// Start anchors Every. Default: the Unix epoch, so Every: time.Hour
@@ -144,17 +153,75 @@ type recurrence interface {
 	next(t time.Time) time.Time
 }
 
+// cronParser reads Schedule.Cron: five fields or a descriptor, the day
+// fields combined as crontab(5) does (either matches when both are
+// restricted; the library's default is both).
+var cronParser = cron.NewParser(cron.Minute | cron.Hour | cron.Dom | cron.Month | cron.Dow | cron.Descriptor | cron.DowOrDom)
+
+// allHours is the hour field's bits for every hour of the day.
+const allHours = 1<<24 - 1
+
 type cronRecurrence struct {
 	s   cron.Schedule
 	loc *time.Location
+	// fixedHour is set when the hour field does not match every hour: the
+	// schedule names wall-clock times, which a daylight-saving change can
+	// skip or repeat. A schedule that runs every hour follows real time.
+	fixedHour bool
 }
 
 func (c cronRecurrence) next(t time.Time) time.Time {
-	n := c.s.Next(t.In(c.loc))
-	if n.IsZero() {
-		return n
+	for {
+		n := c.s.Next(t.In(c.loc))
+		if n.IsZero() || !c.fixedHour {
+			return n.UTC()
+		}
+		if jump, ok := c.skippedBy(t, n); ok {
+			return jump.UTC()
+		}
+		if !repeatsWallClock(n) {
+			return n.UTC()
+		}
+		t = n // the second pass of a repeated hour: fired at the first
 	}
-	return n.UTC()
+}
+
+// skippedBy returns the instant the clock jumped forward, after t and not
+// after n, when the wall-clock times the jump skipped include one the
+// schedule names. The library would run it at the same minute after the
+// jump (02:30 becomes 03:30); like ISC cron, it runs at the jump.
+func (c cronRecurrence) skippedBy(t, n time.Time) (time.Time, bool) {
+	jump, _ := n.ZoneBounds()
+	if jump.IsZero() || !jump.After(t) || jump.After(n) {
+		return time.Time{}, false
+	}
+	_, before := jump.Add(-time.Nanosecond).Zone()
+	_, after := jump.Zone()
+	if after <= before {
+		return time.Time{}, false
+	}
+	// The wall clock went from from to to. Read the schedule on the wall
+	// clock itself, written as UTC, where no time is skipped.
+	from := time.Unix(jump.Unix()+int64(before), 0).UTC()
+	to := time.Unix(jump.Unix()+int64(after), 0).UTC()
+	m := c.s.Next(from.Add(-time.Second))
+	if m.IsZero() || !m.Before(to) {
+		return time.Time{}, false
+	}
+	return jump, true
+}
+
+// repeatsWallClock reports whether n's wall-clock time was also read at an
+// earlier instant: n lies in the second pass of an hour that the clock went
+// back over.
+func repeatsWallClock(n time.Time) bool {
+	back, _ := n.ZoneBounds()
+	if back.IsZero() {
+		return false
+	}
+	_, before := back.Add(-time.Nanosecond).Zone()
+	_, after := n.Zone()
+	return before > after && n.Sub(back) < time.Duration(before-after)*time.Second
 }
 
 type everyRecurrence struct {
@@ -166,9 +233,20 @@ func (e everyRecurrence) next(t time.Time) time.Time {
 	if t.Before(e.start) {
 		return e.start.UTC()
 	}
-	k := t.Sub(e.start)/e.every + 1
-	return e.start.Add(k * e.every).UTC()
+	// t.Sub saturates beyond 292 years: bring start near t first, by
+	// whole intervals.
+	const span = 100 * 365 * 24 * time.Hour
+	start := e.start
+	for t.Sub(start) > span {
+		start = start.Add(max(span/e.every, 1) * e.every)
+	}
+	k := t.Sub(start)/e.every + 1
+	return start.Add(k * e.every).UTC()
 }
+
+// minEvery is the shortest Schedule.Every: a shorter interval would fire
+// faster than a missed-occurrence catch-up (MissedFireAll) can go.
+const minEvery = time.Second
 
 // recurrence parses the definition's timing.
 func (d *scheduleDef) recurrence() (recurrence, error) {
@@ -177,6 +255,8 @@ func (d *scheduleDef) recurrence() (recurrence, error) {
 		return nil, fmt.Errorf("%w: %q sets both Cron and Every", ErrInvalidSchedule, d.Name)
 	case d.Every < 0:
 		return nil, fmt.Errorf("%w: %q: Every %v is negative", ErrInvalidSchedule, d.Name, d.Every)
+	case d.Every > 0 && d.Every < minEvery:
+		return nil, fmt.Errorf("%w: %q: Every %v is shorter than %v", ErrInvalidSchedule, d.Name, d.Every, minEvery)
 	case d.Every > 0:
 		if d.TimeZone != "" {
 			return nil, fmt.Errorf("%w: %q: TimeZone applies to Cron only (an interval is the same in every zone)", ErrInvalidSchedule, d.Name)
@@ -203,11 +283,15 @@ func (d *scheduleDef) recurrence() (recurrence, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w: %q: %q: %v", ErrInvalidSchedule, ErrUnknownTimeZone, d.Name, zone, err)
 	}
-	s, err := cron.ParseStandard(spec)
+	s, err := cronParser.Parse(spec)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %q: cron %q: %v", ErrInvalidSchedule, d.Name, d.Cron, err)
 	}
-	return cronRecurrence{s: s, loc: loc}, nil
+	rec := cronRecurrence{s: s, loc: loc}
+	if fields, ok := s.(*cron.SpecSchedule); ok {
+		rec.fixedHour = fields.Hour&allHours != allHours
+	}
+	return rec, nil
 }
 
 // define checks sch and returns its stored form and recurrence.
@@ -270,8 +354,11 @@ func (s *Scheduler) define(sch Schedule) (*scheduleDef, recurrence, error) {
 // PutScheduleTx creates the schedule, or replaces the one of the same name,
 // in tx. Putting a schedule identical to the stored one changes nothing (its
 // pending occurrence stays), so services can put their schedules at every
-// start-up. A changed schedule's pending occurrence is replaced by its
-// first occurrence after now.
+// start-up, from every instance at once; if the schedule has no pending
+// occurrence (its next one could not be planned), it gets its first after
+// now. A changed schedule's pending occurrence is replaced by its first
+// occurrence after now; one being fired concurrently completes, with no
+// successor.
 func (s *Scheduler) PutScheduleTx(ctx context.Context, tx sqldb.Tx, sch Schedule) error {
 	d, rec, err := s.define(sch)
 	if err != nil {
@@ -286,34 +373,79 @@ func (s *Scheduler) PutScheduleTx(ctx context.Context, tx sqldb.Tx, sch Schedule
 	if err != nil {
 		return fmt.Errorf("timer: encode schedule %q: %w", sch.Name, err)
 	}
-	q := `SELECT definition FROM troupe_schedules WHERE name = $1`
-	if tx.Dialect() == sqldb.Postgres {
-		q += ` FOR UPDATE`
+	old, found, err := readDefinition(ctx, tx, sch.Name)
+	if err != nil {
+		return err
 	}
-	var old []byte
-	err = tx.QueryRow(ctx, q, sch.Name).Scan(&old)
-	switch {
-	case err == nil && bytes.Equal(old, def):
-		return nil
-	case err == nil:
-		if _, err := tx.Exec(ctx, `UPDATE troupe_schedules SET definition = $1, updated_at = $2 WHERE name = $3`, def, now, sch.Name); err != nil {
-			return fmt.Errorf("timer: update schedule %q: %w", sch.Name, err)
-		}
-		if _, err := tx.Exec(ctx, `DELETE FROM troupe_timers WHERE schedule = $1 AND failed_at IS NULL`, sch.Name); err != nil {
-			return fmt.Errorf("timer: replace the pending occurrence of %q: %w", sch.Name, err)
-		}
-	case errors.Is(err, sqldb.ErrNoRows):
+	if !found {
 		n, err := tx.Exec(ctx, `INSERT INTO troupe_schedules (name, definition, created_at, updated_at) VALUES ($1, $2, $3, $3) ON CONFLICT (name) DO NOTHING`, sch.Name, def, now)
 		if err != nil {
 			return fmt.Errorf("timer: create schedule %q: %w", sch.Name, err)
 		}
-		if n == 0 { // created meanwhile by a concurrent Put (SQLite never gets here)
-			return fmt.Errorf("timer: schedule %q was created concurrently; put it again", sch.Name)
+		if n == 1 {
+			return s.insertOccurrence(ctx, tx, d, first)
 		}
-	default:
-		return fmt.Errorf("timer: read schedule %q: %w", sch.Name, err)
+		// Created by a concurrent Put (another instance starting up), which
+		// has committed: go on as if it had been there (PostgreSQL only).
+		if old, found, err = readDefinition(ctx, tx, sch.Name); err != nil {
+			return err
+		}
+		if !found {
+			return fmt.Errorf("timer: schedule %q was created and deleted concurrently; put it again", sch.Name)
+		}
+	}
+	if bytes.Equal(old, def) {
+		var pending int
+		if err := tx.QueryRow(ctx, `SELECT count(*) FROM troupe_timers WHERE schedule = $1 AND failed_at IS NULL`, sch.Name).Scan(&pending); err != nil {
+			return fmt.Errorf("timer: read the pending occurrence of %q: %w", sch.Name, err)
+		}
+		if pending > 0 {
+			return nil
+		}
+		return s.insertOccurrence(ctx, tx, d, first)
+	}
+	if _, err := tx.Exec(ctx, `UPDATE troupe_schedules SET definition = $1, updated_at = $2 WHERE name = $3`, def, now, sch.Name); err != nil {
+		return fmt.Errorf("timer: update schedule %q: %w", sch.Name, err)
+	}
+	if err := deletePending(ctx, tx, sch.Name); err != nil {
+		return fmt.Errorf("timer: replace the pending occurrence of %q: %w", sch.Name, err)
 	}
 	return s.insertOccurrence(ctx, tx, d, first)
+}
+
+// readDefinition reads the stored definition of the named schedule, locked
+// on PostgreSQL until tx ends.
+func readDefinition(ctx context.Context, tx sqldb.Tx, name string) ([]byte, bool, error) {
+	q := `SELECT definition FROM troupe_schedules WHERE name = $1`
+	if tx.Dialect() == sqldb.Postgres {
+		q += ` FOR UPDATE`
+	}
+	var def []byte
+	err := tx.QueryRow(ctx, q, name).Scan(&def)
+	switch {
+	case errors.Is(err, sqldb.ErrNoRows):
+		return nil, false, nil
+	case err != nil:
+		return nil, false, fmt.Errorf("timer: read schedule %q: %w", name, err)
+	}
+	return def, true, nil
+}
+
+// deletePending deletes the pending occurrences of the named schedule (not
+// the failed ones, kept for an operator). Call it holding the schedule's
+// row lock. On PostgreSQL it skips an occurrence whose row a firing
+// transaction holds: that transaction waits for the schedule's row next
+// (planNext), so waiting for it here would deadlock. Once tx commits, that
+// firing sees the schedule deleted, and drops the occurrence, or replaced,
+// and fires it without a successor.
+func deletePending(ctx context.Context, tx sqldb.Tx, name string) error {
+	q := `DELETE FROM troupe_timers WHERE schedule = $1 AND failed_at IS NULL`
+	if tx.Dialect() == sqldb.Postgres {
+		q = `DELETE FROM troupe_timers WHERE id IN (
+			SELECT id FROM troupe_timers WHERE schedule = $1 AND failed_at IS NULL FOR UPDATE SKIP LOCKED)`
+	}
+	_, err := tx.Exec(ctx, q, name)
+	return err
 }
 
 // PutSchedule is PutScheduleTx in a transaction of its own.
@@ -322,15 +454,20 @@ func (s *Scheduler) PutSchedule(ctx context.Context, sch Schedule) error {
 }
 
 // DeleteScheduleTx deletes the named schedule and its pending occurrence in
-// tx, and reports whether it existed. An occurrence being fired
-// concurrently completes (it is waited for on PostgreSQL); no later one
-// fires.
+// tx, and reports whether it existed. Once tx commits, no occurrence of the
+// schedule fires any more: one being fired concurrently either committed
+// first (and its successor is deleted here) or finds the schedule gone and
+// is dropped. Failed occurrences are kept for an operator (one retried
+// with RetryTx is dropped, its schedule gone), and an HTTP call already
+// under way may still reach its URL.
 func (s *Scheduler) DeleteScheduleTx(ctx context.Context, tx sqldb.Tx, name string) (bool, error) {
+	// The schedule's row first, then its timers: the order planNext locks
+	// them in.
 	n, err := tx.Exec(ctx, `DELETE FROM troupe_schedules WHERE name = $1`, name)
 	if err != nil {
 		return false, fmt.Errorf("timer: delete schedule %q: %w", name, err)
 	}
-	if _, err := tx.Exec(ctx, `DELETE FROM troupe_timers WHERE schedule = $1 AND failed_at IS NULL`, name); err != nil {
+	if err := deletePending(ctx, tx, name); err != nil {
 		return false, fmt.Errorf("timer: delete the pending occurrence of %q: %w", name, err)
 	}
 	return n == 1, nil
@@ -381,17 +518,38 @@ func (s *Scheduler) insertOccurrence(ctx context.Context, tx sqldb.Tx, d *schedu
 	return err
 }
 
+// occurrenceTime reads the occurrence time out of the id of an occurrence
+// of the named schedule (see occurrenceID).
+func occurrenceTime(id, name string) (time.Time, bool) {
+	ts, ok := strings.CutPrefix(id, name+"@")
+	if !ok {
+		return time.Time{}, false
+	}
+	t, err := time.Parse(time.RFC3339Nano, ts)
+	return t, err == nil
+}
+
 // planNext inserts, in tx, the next occurrence of each recurring schedule
-// whose occurrence is among rows (first attempts only: a retried occurrence
-// planned its successor when it first fired), and returns the ids of the
-// occurrences not to fire: those MissedSkip drops, and those whose schedule
-// no longer exists. On PostgreSQL the schedules' rows are locked, so a
-// concurrent DeleteScheduleTx or PutScheduleTx waits and then removes the
-// occurrence inserted here.
+// whose occurrence is among rows, and returns the ids of the occurrences
+// not to fire: those MissedSkip drops, and those whose schedule no longer
+// exists (retried ones too).
+//
+// Only an occurrence's first attempt plans its successor (a retried one
+// planned it when it first fired), and only if the schedule has no later
+// occurrence pending: an occurrence an operator retried (RetryTx), or one
+// that a concurrent PutScheduleTx replaced while it was being fired, fires
+// without starting a second chain of occurrences.
+//
+// On PostgreSQL the schedules' rows are locked, in name order, before
+// anything is inserted: a concurrent PutScheduleTx or DeleteScheduleTx,
+// which locks the schedule's row before its timers' and skips those a
+// firing holds (deletePending), either commits first, and is seen here, or
+// waits for this transaction and then removes the occurrence inserted
+// here.
 func (s *Scheduler) planNext(ctx context.Context, tx sqldb.Tx, now time.Time, rows []dueRow) (map[string]bool, error) {
 	var names []string
 	for _, r := range rows {
-		if r.schedule != "" && r.attempts == 0 && !slices.Contains(names, r.schedule) {
+		if r.schedule != "" && !slices.Contains(names, r.schedule) {
 			names = append(names, r.schedule)
 		}
 	}
@@ -404,7 +562,8 @@ func (s *Scheduler) planNext(ctx context.Context, tx sqldb.Tx, now time.Time, ro
 	for i, n := range names {
 		args[i], ph[i] = n, "$"+strconv.Itoa(i+1)
 	}
-	q := `SELECT name, definition FROM troupe_schedules WHERE name IN (` + strings.Join(ph, ", ") + `) ORDER BY name`
+	in := strings.Join(ph, ", ")
+	q := `SELECT name, definition FROM troupe_schedules WHERE name IN (` + in + `) ORDER BY name`
 	if tx.Dialect() == sqldb.Postgres {
 		q += ` FOR UPDATE`
 	}
@@ -430,9 +589,30 @@ func (s *Scheduler) planNext(ctx context.Context, tx sqldb.Tx, now time.Time, ro
 	if err := rs.Close(); err != nil {
 		return nil, fmt.Errorf("read schedules: %w", err)
 	}
+	// The latest pending occurrence of each schedule, read under the
+	// schedules' locks, which every insert of an occurrence holds.
+	latest := map[string]time.Time{}
+	rs, err = tx.Query(ctx, `SELECT schedule, id FROM troupe_timers WHERE schedule IN (`+in+`) AND failed_at IS NULL`, args...)
+	if err != nil {
+		return nil, fmt.Errorf("read pending occurrences: %w", err)
+	}
+	for rs.Next() {
+		var name, id string
+		if err := rs.Scan(&name, &id); err != nil {
+			rs.Close()
+			return nil, fmt.Errorf("read pending occurrences: %w", err)
+		}
+		if t, ok := occurrenceTime(id, name); ok && t.After(latest[name]) {
+			latest[name] = t
+		}
+	}
+	if err := rs.Close(); err != nil {
+		return nil, fmt.Errorf("read pending occurrences: %w", err)
+	}
+
 	skip := map[string]bool{}
 	for _, r := range rows {
-		if r.schedule == "" || r.attempts > 0 {
+		if r.schedule == "" {
 			continue
 		}
 		d := defs[r.schedule]
@@ -440,24 +620,43 @@ func (s *Scheduler) planNext(ctx context.Context, tx sqldb.Tx, now time.Time, ro
 			skip[r.id] = true // the schedule was deleted
 			continue
 		}
-		rec, err := d.recurrence()
-		if err != nil {
-			return nil, fmt.Errorf("schedule %q: %w", d.Name, err)
+		if r.attempts > 0 {
+			continue
 		}
-		occurred := r.due
-		after := now
+		// The occurrence time, from the id: due_at moves when the timer is
+		// rescheduled or retried.
+		occurred, ok := occurrenceTime(r.id, d.Name)
+		if !ok {
+			occurred = r.due
+		}
+		late := now.Sub(r.due)
 		policy, _ := ParseMissedPolicy(d.Missed)
+		var after time.Time // the successor is the first occurrence after it
 		switch policy {
 		case MissedFireAll:
 			after = occurred
 		case MissedSkip:
-			if now.Sub(occurred) > d.Grace {
+			if late > d.Grace {
 				skip[r.id] = true
-				s.log.Info("timer: skipping a missed occurrence", "schedule", d.Name, "occurrence", occurred, "late", now.Sub(occurred))
+				s.log.Info("timer: skipping a missed occurrence", "schedule", d.Name, "occurrence", occurred, "late", late)
 			}
+			// The first occurrence at most Grace late: it still fires.
+			after = now.Add(-d.Grace - time.Nanosecond)
+		default:
+			after = now
 		}
 		if after.Before(occurred) {
 			after = occurred
+		}
+		if latest[d.Name].After(occurred) {
+			continue // its successor is pending already
+		}
+		rec, err := d.recurrence()
+		if err != nil {
+			// Not the whole batch's failure: this occurrence fires, and the
+			// schedule resumes when it is put again.
+			s.log.Error("timer: cannot plan the next occurrence of a schedule; it stops until put again", "schedule", d.Name, "err", err)
+			continue
 		}
 		next := rec.next(after)
 		if next.IsZero() {
@@ -467,6 +666,7 @@ func (s *Scheduler) planNext(ctx context.Context, tx sqldb.Tx, now time.Time, ro
 		if err := s.insertOccurrence(ctx, tx, d, next); err != nil {
 			return nil, err
 		}
+		latest[d.Name] = next
 	}
 	return skip, nil
 }
