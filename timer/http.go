@@ -127,9 +127,10 @@ func (s *Scheduler) ScheduleHTTP(ctx context.Context, at time.Time, task HTTPTas
 
 // claimedTask is an HTTP task leased for one attempt.
 type claimedTask struct {
-	row     dueRow // attempts: the claimed attempt's number
-	task    HTTPTask
-	payload error // the stored task cannot be decoded
+	row      dueRow // attempts: the claimed attempt's number
+	task     HTTPTask
+	payload  error     // the stored task cannot be decoded
+	leaseEnd time.Time // when another scheduler may take the task over
 }
 
 // httpLoop claims due HTTP tasks, up to HTTPConcurrency at a time, and runs
@@ -137,69 +138,86 @@ type claimedTask struct {
 func (s *Scheduler) httpLoop(ctx context.Context) {
 	clock := s.cfg.Clock
 	sem := make(chan struct{}, s.cfg.HTTPConcurrency)
-	done := make(chan struct{}, s.cfg.HTTPConcurrency)
+	done := make(chan struct{}, 1) // a call ended: a slot is free
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	failures := 0
 	for ctx.Err() == nil {
 		free := cap(sem) - len(sem)
-		claimed := 0
-		if free > 0 {
-			tasks, err := s.claimHTTP(ctx, free)
-			if err != nil {
-				if ctx.Err() != nil {
-					return
-				}
-				failures++
-				b := s.loopBackoff(failures)
-				s.log.Warn("timer: claiming HTTP tasks failed; backing off", "err", err, "failures", failures, "backoff", b)
-				select {
-				case <-ctx.Done():
-				case <-clock.After(b):
-				}
-				continue
+		if free == 0 {
+			// Nothing to claim until a call ends, however many are due.
+			select {
+			case <-ctx.Done():
+			case <-done:
 			}
-			failures = 0
-			claimed = len(tasks)
-			for _, t := range tasks {
-				sem <- struct{}{}
-				wg.Go(func() {
-					defer func() {
-						<-sem
-						select {
-						case done <- struct{}{}:
-						default:
-						}
-					}()
-					s.runTask(ctx, t)
-				})
+			continue
+		}
+		now := clock.Now()
+		tasks, err := s.claimHTTP(ctx, now, free)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
 			}
-			if claimed == free {
-				continue // more may be due; the semaphore is full now anyway
+			failures++
+			b := s.loopBackoff(failures)
+			s.log.Warn("timer: claiming HTTP tasks failed; backing off", "err", err, "failures", failures, "backoff", b)
+			select {
+			case <-ctx.Done():
+			case <-clock.After(b):
 			}
+			continue
+		}
+		failures = 0
+		for _, t := range tasks {
+			sem <- struct{}{}
+			wg.Go(func() {
+				defer func() {
+					<-sem
+					select {
+					case done <- struct{}{}:
+					default: // a wake is pending already
+					}
+				}()
+				s.runTask(ctx, t)
+			})
+		}
+		if len(tasks) == free {
+			continue // more may be due
 		}
 		wait := s.cfg.PollInterval
+		var tick, idle <-chan time.Time
 		next, ok, err := s.nextDue(ctx, true)
+		from := clock.Now()
 		switch {
 		case err != nil:
 			if ctx.Err() == nil {
 				s.log.Warn("timer: reading the next HTTP task's due time failed", "err", err)
 			}
+		case ok && !next.After(now):
+			// Due when this round looked, yet not claimed: another
+			// scheduler's claim holds it. Wait briefly, in real time: what
+			// ends that is the other scheduler's work, not time passing.
+			idle = time.After(idleWait)
 		case ok:
-			d := next.Sub(clock.Now())
-			if d <= 0 {
-				if claimed > 0 && free > claimed {
-					continue
-				}
-				d = idleWait
+			wait = min(wait, next.Sub(from))
+		}
+		if idle == nil {
+			if wait <= 0 {
+				continue // it fell due after this round looked
 			}
-			wait = min(wait, d)
+			tick = clock.After(wait)
+			// A clock moved between from and After (a test's fake clock)
+			// would end the wait late: go on at once if it is over.
+			if clock.Now().Sub(from) >= wait {
+				continue
+			}
 		}
 		select {
 		case <-ctx.Done():
 		case <-s.wakeHTTP:
 		case <-done:
-		case <-clock.After(wait):
+		case <-tick:
+		case <-idle:
 		}
 	}
 }
@@ -209,8 +227,8 @@ func (s *Scheduler) httpLoop(ctx context.Context) {
 // The attempt count fences the lease: if the holder dies and another
 // scheduler claims the task after the lease, the first holder's late
 // outcome no longer matches and is ignored.
-func (s *Scheduler) claimHTTP(ctx context.Context, n int) ([]claimedTask, error) {
-	now := s.cfg.Clock.Now().UTC()
+func (s *Scheduler) claimHTTP(ctx context.Context, now time.Time, n int) ([]claimedTask, error) {
+	now = now.UTC()
 	var out []claimedTask
 	err := s.db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
 		out = nil
@@ -255,7 +273,7 @@ func (s *Scheduler) claimHTTP(ctx context.Context, n int) ([]claimedTask, error)
 				return fmt.Errorf("lease HTTP task %q: %w", r.id, err)
 			}
 			r.attempts++
-			c := claimedTask{row: r}
+			c := claimedTask{row: r, leaseEnd: leaseEnd}
 			if err := json.Unmarshal(r.payload, &c.task); err != nil {
 				c.payload = fmt.Errorf("stored HTTP task cannot be decoded: %w", err)
 			}
@@ -266,74 +284,118 @@ func (s *Scheduler) claimHTTP(ctx context.Context, n int) ([]claimedTask, error)
 	return out, err
 }
 
+// outcomeWriteTimeout bounds one write of an attempt's outcome, made even
+// while Run stops: the call's answer is worth recording.
+const outcomeWriteTimeout = 5 * time.Second
+
 // runTask makes one attempt of a claimed task and records its outcome.
 func (s *Scheduler) runTask(ctx context.Context, c claimedTask) {
 	var (
-		callErr    error
+		answered   bool
 		retryAfter time.Duration
+		callErr    error
 	)
 	if c.payload != nil {
-		callErr = Permanent(c.payload)
+		answered, callErr = true, Permanent(c.payload)
 	} else {
-		retryAfter, callErr = s.call1(ctx, c)
+		answered, retryAfter, callErr = s.call1(ctx, c)
 	}
-	if ctx.Err() != nil {
-		// Stopping: hand the task back (it runs again at once, elsewhere or
-		// at the next start), unless another scheduler took it meanwhile.
-		bg, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	bg := context.WithoutCancel(ctx)
+	if !answered && ctx.Err() != nil {
+		// Stopping cut the call short: hand the task back (it runs again at
+		// once, elsewhere or at the next start), unless another scheduler
+		// took it meanwhile. An answer that arrived, even as Run stops, is
+		// recorded below instead: handing it back would repeat the call.
+		hctx, cancel := context.WithTimeout(bg, outcomeWriteTimeout)
 		defer cancel()
-		if _, err := s.db.Exec(bg, `UPDATE troupe_timers SET due_at = $1 WHERE id = $2 AND attempts = $3`, s.cfg.Clock.Now().UTC(), c.row.id, c.row.attempts); err != nil {
+		if _, err := s.db.Exec(hctx, `UPDATE troupe_timers SET due_at = $1 WHERE id = $2 AND attempts = $3`, s.cfg.Clock.Now().UTC(), c.row.id, c.row.attempts); err != nil {
 			s.log.Warn("timer: handing back an HTTP task failed; it runs again after its lease", "id", c.row.id, "err", err)
 		}
 		return
 	}
 	now := s.cfg.Clock.Now().UTC()
-	err := s.db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
-		if callErr == nil {
-			_, err := tx.Exec(ctx, `DELETE FROM troupe_timers WHERE id = $1 AND attempts = $2`, c.row.id, c.row.attempts)
-			return err
-		}
-		maxAttempts := c.task.MaxAttempts
-		if maxAttempts == 0 {
-			maxAttempts = s.cfg.MaxAttempts
-		}
-		attempt := c.row.attempts
-		reason := callErr.Error()
-		if errors.Is(callErr, ErrPermanent) || attempt >= maxAttempts {
-			s.log.Error("timer: HTTP task failed; kept for an operator", "id", c.row.id, "url", c.task.URL, "attempts", attempt, "err", callErr)
-			_, err := tx.Exec(ctx, `UPDATE troupe_timers SET last_error = $1, failed_at = $2 WHERE id = $3 AND attempts = $4`, reason, now, c.row.id, attempt)
-			return err
-		}
-		retryAt := now.Add(max(s.cfg.Backoff(attempt), retryAfter))
-		s.log.Warn("timer: HTTP task attempt failed; will retry", "id", c.row.id, "url", c.task.URL, "attempt", attempt, "retry_at", retryAt, "err", callErr)
-		_, err := tx.Exec(ctx, `UPDATE troupe_timers SET last_error = $1, due_at = $2 WHERE id = $3 AND attempts = $4`, reason, retryAt, c.row.id, attempt)
-		return err
-	})
-	if err != nil {
-		s.log.Warn("timer: recording an HTTP task's outcome failed; it runs again after its lease", "id", c.row.id, "err", err)
-		return
+	maxAttempts := c.task.MaxAttempts
+	if maxAttempts == 0 {
+		maxAttempts = s.cfg.MaxAttempts
 	}
-	if callErr == nil && s.cfg.OnFired != nil {
-		s.cfg.OnFired([]Fired{{ID: c.row.id, Kind: KindHTTP, Due: c.row.due, At: now, Attempt: c.row.attempts, Schedule: c.row.schedule}})
+	attempt := c.row.attempts
+	giveUp := callErr != nil && (errors.Is(callErr, ErrPermanent) || attempt >= maxAttempts)
+	retryAt := now
+	if callErr != nil && !giveUp {
+		retryAt = now.Add(max(s.cfg.Backoff(attempt), retryAfter))
+	}
+	// Every write is fenced on the attempt: a holder whose lease was taken
+	// over changes nothing.
+	record := func(ctx context.Context, tx sqldb.Tx) (int64, error) {
+		switch {
+		case callErr == nil:
+			return tx.Exec(ctx, `DELETE FROM troupe_timers WHERE id = $1 AND attempts = $2`, c.row.id, attempt)
+		case giveUp:
+			return tx.Exec(ctx, `UPDATE troupe_timers SET last_error = $1, failed_at = $2 WHERE id = $3 AND attempts = $4`, callErr.Error(), now, c.row.id, attempt)
+		default:
+			return tx.Exec(ctx, `UPDATE troupe_timers SET last_error = $1, due_at = $2 WHERE id = $3 AND attempts = $4`, callErr.Error(), retryAt, c.row.id, attempt)
+		}
+	}
+	// A database that fails the write is tried again while the lease
+	// lasts: a success left unrecorded would be called again once the lease
+	// ends.
+	var n int64
+	for tries := 1; ; tries++ {
+		wctx, cancel := context.WithTimeout(bg, outcomeWriteTimeout)
+		err := s.db.InTx(wctx, func(ctx context.Context, tx sqldb.Tx) error {
+			var err error
+			n, err = record(ctx, tx)
+			return err
+		})
+		cancel()
+		if err == nil {
+			break
+		}
+		b := s.loopBackoff(tries)
+		if ctx.Err() != nil || !s.cfg.Clock.Now().Add(b).Before(c.leaseEnd) {
+			s.log.Warn("timer: recording an HTTP task's outcome failed; it runs again after its lease", "id", c.row.id, "attempt", attempt, "call_err", callErr, "err", err)
+			return
+		}
+		s.log.Warn("timer: recording an HTTP task's outcome failed; trying again", "id", c.row.id, "attempt", attempt, "err", err, "backoff", b)
+		select {
+		case <-ctx.Done(): // one last try
+		case <-s.cfg.Clock.After(b):
+		}
+	}
+	target := redactURL(c.task.URL)
+	switch {
+	case n == 0:
+		s.log.Info("timer: HTTP task's outcome ignored: another scheduler took its lease, or it was cancelled", "id", c.row.id, "url", target, "attempt", attempt, "err", callErr)
+	case callErr == nil:
+		if s.cfg.OnFired != nil {
+			s.cfg.OnFired([]Fired{{ID: c.row.id, Kind: KindHTTP, Due: c.row.due, At: now, Attempt: attempt, Schedule: c.row.schedule}})
+		}
+	case giveUp:
+		s.log.Error("timer: HTTP task failed; kept for an operator", "id", c.row.id, "url", target, "attempts", attempt, "err", callErr)
+	default:
+		s.log.Warn("timer: HTTP task attempt failed; will retry", "id", c.row.id, "url", target, "attempt", attempt, "retry_at", retryAt, "err", callErr)
 	}
 }
 
 // maxRetryAfter caps a Retry-After the scheduler honors.
 const maxRetryAfter = time.Hour
 
-// call1 makes the HTTP call. It returns nil for a 2xx response, a
-// Permanent error for a status that retrying cannot mend, and the delay a
-// Retry-After header asked for.
-func (s *Scheduler) call1(ctx context.Context, c claimedTask) (retryAfter time.Duration, err error) {
+// call1 makes the HTTP call. answered reports a response (or a request that
+// can never be built): an outcome to record, as opposed to a call cut short.
+// err is nil for a 2xx response and a Permanent error for a status that
+// retrying cannot mend; retryAfter is the delay a Retry-After header asked
+// for.
+func (s *Scheduler) call1(ctx context.Context, c claimedTask) (answered bool, retryAfter time.Duration, err error) {
 	timeout := c.task.Timeout
 	if timeout == 0 {
 		timeout = s.cfg.HTTPTimeout
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	call := c.task.Method + " " + redactURL(c.task.URL)
 	req, err := http.NewRequestWithContext(ctx, c.task.Method, c.task.URL, bytes.NewReader(c.task.Body))
 	if err != nil {
-		return 0, Permanent(fmt.Errorf("build request: %w", err))
+		return true, 0, Permanent(fmt.Errorf("%s: build request: %w", call, err))
 	}
 	for k, vs := range c.task.Header {
 		for _, v := range vs {
@@ -347,30 +409,53 @@ func (s *Scheduler) call1(ctx context.Context, c claimedTask) (retryAfter time.D
 	}
 	resp, err := s.cfg.HTTPClient.Do(req)
 	if err != nil {
-		return 0, fmt.Errorf("%s %s: %w", c.task.Method, c.task.URL, err)
+		if ue, ok := errors.AsType[*url.Error](err); ok {
+			err = ue.Err // its text repeats the method and URL, unredacted
+		}
+		return false, 0, fmt.Errorf("%s: %w", call, err)
 	}
 	defer resp.Body.Close()
 	excerpt, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20)) // let the connection be reused
 	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
-		return 0, nil
+		return true, 0, nil
 	}
-	err = fmt.Errorf("%s %s: %s: %s", c.task.Method, c.task.URL, resp.Status, strings.TrimSpace(string(excerpt)))
+	err = fmt.Errorf("%s: %s: %s", call, resp.Status, strings.TrimSpace(string(excerpt)))
 	switch code := resp.StatusCode; {
 	case code == http.StatusRequestTimeout, code == http.StatusTooEarly, code == http.StatusTooManyRequests, code >= 500:
-		return retryAfterDelay(resp.Header.Get("Retry-After"), s.cfg.Clock.Now()), err
+		return true, retryAfterDelay(resp.Header.Get("Retry-After"), s.cfg.Clock.Now()), err
 	default:
-		return 0, Permanent(err)
+		return true, 0, Permanent(err)
 	}
 }
 
-// retryAfterDelay reads a Retry-After header: seconds or an HTTP date.
+// redactURL returns raw with any password replaced by "xxxxx", for logs and
+// recorded errors.
+func redactURL(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return raw
+	}
+	return u.Redacted()
+}
+
+// retryAfterDelay reads a Retry-After header: seconds or an HTTP date,
+// capped at maxRetryAfter.
 func retryAfterDelay(v string, now time.Time) time.Duration {
+	v = strings.TrimSpace(v)
 	if v == "" {
 		return 0
 	}
-	if n, err := strconv.Atoi(v); err == nil && n > 0 {
-		return min(time.Duration(n)*time.Second, maxRetryAfter)
+	if n, err := strconv.ParseInt(v, 10, 64); err == nil || errors.Is(err, strconv.ErrRange) {
+		// Out of range counts as huge (or hugely negative): multiplying
+		// it into a Duration would overflow.
+		switch {
+		case n <= 0:
+			return 0
+		case n >= int64(maxRetryAfter/time.Second):
+			return maxRetryAfter
+		}
+		return time.Duration(n) * time.Second
 	}
 	if t, err := http.ParseTime(v); err == nil && t.After(now) {
 		return min(t.Sub(now), maxRetryAfter)
