@@ -49,7 +49,8 @@ func (s *Scheduler) fireLoop(ctx context.Context) {
 	clock := s.cfg.Clock
 	failures := 0
 	for ctx.Err() == nil {
-		fired, full, err := s.fireDue(ctx)
+		now := clock.Now()
+		fired, full, err := s.fireDue(ctx, now)
 		if err != nil {
 			if ctx.Err() != nil {
 				return
@@ -71,26 +72,42 @@ func (s *Scheduler) fireLoop(ctx context.Context) {
 			continue
 		}
 		wait := s.cfg.PollInterval
+		var tick, idle <-chan time.Time
 		next, ok, err := s.nextDue(ctx, false)
+		from := clock.Now()
 		switch {
 		case err != nil:
 			if ctx.Err() == nil {
 				s.log.Warn("timer: reading the next due time failed", "err", err)
 			}
-		case ok:
-			d := next.Sub(clock.Now())
-			if d <= 0 {
-				if len(fired) > 0 {
-					continue // more fell due while this round ran
-				}
-				d = idleWait // due, but held by another scheduler
+		case ok && !next.After(now):
+			// Due when this round began, yet not fired by it: scheduled
+			// meanwhile, or held by another scheduler's transaction.
+			if len(fired) > 0 {
+				continue
 			}
-			wait = min(wait, d)
+			// Wait for that transaction briefly, in real time: what ends
+			// it is the other scheduler's work, not the passing of time.
+			idle = time.After(idleWait)
+		case ok:
+			wait = min(wait, next.Sub(from))
+		}
+		if idle == nil {
+			if wait <= 0 {
+				continue // fell due while this round ran
+			}
+			tick = clock.After(wait)
+			// A clock that moved between from and After (a test's fake
+			// clock) would end the wait late: go on at once if it is over.
+			if clock.Now().Sub(from) >= wait {
+				continue
+			}
 		}
 		select {
 		case <-ctx.Done():
 		case <-s.wake:
-		case <-clock.After(wait):
+		case <-tick:
+		case <-idle:
 		}
 	}
 }
@@ -166,10 +183,10 @@ type dueRow struct {
 	attempts int
 }
 
-// fireDue fires one batch of due timers in one transaction. full reports a
-// batch of BatchSize rows: more may be due.
-func (s *Scheduler) fireDue(ctx context.Context) (fired []Fired, full bool, err error) {
-	now := s.cfg.Clock.Now().UTC()
+// fireDue fires one batch of the timers due at now in one transaction. full
+// reports a batch of BatchSize rows: more may be due.
+func (s *Scheduler) fireDue(ctx context.Context, now time.Time) (fired []Fired, full bool, err error) {
+	now = now.UTC()
 	err = s.db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
 		fired, full = nil, false
 		pg := tx.Dialect() == sqldb.Postgres

@@ -23,15 +23,17 @@ type HandlerFunc func(ctx context.Context, tx sqldb.Tx, f *Fired) error
 // scheduled with ToHandler(name). A scheduler fires only the handler timers
 // it has a handler for: a timer whose handler no running scheduler knows
 // stays pending (it shows in Stats as overdue) until one does, so a
-// rolling upgrade that adds a handler loses nothing. Registering a name
-// again replaces its handler.
+// rolling upgrade that adds a handler loses nothing. A running scheduler
+// fires the timers already due for name at once. Registering a name again
+// replaces its handler.
 func (s *Scheduler) Handle(name string, h HandlerFunc) error {
 	if name == "" || h == nil {
 		return fmt.Errorf("%w: Handle needs a name and a function", ErrUnknownHandler)
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	s.handlers[name] = h
+	s.mu.Unlock()
+	s.Notify() // its due timers were invisible to the loop's last look
 	return nil
 }
 
