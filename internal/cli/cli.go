@@ -83,7 +83,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 
 func benchmarks() map[string]bench.Benchmark {
 	m := map[string]bench.Benchmark{}
-	for _, b := range []bench.Benchmark{bench.Broker(), bench.Commit(), bench.Outbox(), bench.Inbox()} {
+	for _, b := range []bench.Benchmark{bench.Broker(), bench.Commit(), bench.Outbox(), bench.Inbox(), bench.Timer(bench.TimerOptions{})} {
 		m[b.Name] = b
 	}
 	return m
@@ -97,7 +97,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			names = append(names, n)
 		}
 		sort.Strings(names)
-		fmt.Fprintln(stdout, "Usage: troupe bench NAME [--db sqlite|postgres] [--postgres URL] [--broker SPEC] [--duration D] [--concurrency N] [--batch N] [--rate N] [--mode poll|notify|wal] [--json]")
+		fmt.Fprintln(stdout, "Usage: troupe bench NAME [--db sqlite|postgres] [--postgres URL] [--broker SPEC] [--duration D] [--concurrency N] [--batch N] [--rate N] [--mode poll|notify|wal|drain|steady] [--pending N] [--target handler|topic] [--json]")
 		fmt.Fprintln(stdout, "\nBenchmarks:")
 		for _, n := range names {
 			fmt.Fprintf(stdout, "  %-10s %s\n", n, all[n].Summary)
@@ -118,12 +118,20 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.DurationVar(&cfg.Duration, "duration", 5*time.Second, "length of the measured phase")
 	fs.IntVar(&cfg.Concurrency, "concurrency", 4, "concurrent workers")
 	fs.IntVar(&cfg.Batch, "batch", 100, "operations per batch, where the benchmark batches")
-	fs.StringVar(&cfg.Mode, "mode", "", "relay mode for the outbox benchmark: poll, notify (default) or wal (PostgreSQL only)")
+	fs.StringVar(&cfg.Mode, "mode", "", "relay mode for the outbox benchmark: poll, notify (default) or wal (PostgreSQL only); for the timer benchmark: drain (default) or steady")
 	fs.IntVar(&cfg.Rate, "rate", 0, "operations per second offered across all workers (0: as fast as possible); latency then counts from when each batch was due")
 	fs.StringVar(&cfg.DataDir, "data-dir", "", "directory for the benchmark's files (default: a temporary directory)")
 	fs.BoolVar(&asJSON, "json", false, "print the result as one JSON object on the last line")
+	var timerOpts bench.TimerOptions
+	if b.Name == "timer" {
+		fs.IntVar(&timerOpts.Pending, "pending", 0, "timers loaded before the schedulers start (default 100000 with --mode drain, 1000000 with --mode steady)")
+		fs.StringVar(&timerOpts.Target, "target", bench.TimerHandler, "what the timers fire into: handler (a local handler inserting a row) or topic (the outbox)")
+	}
 	if err := fs.Parse(args[1:]); err != nil {
 		return err
+	}
+	if b.Name == "timer" {
+		b = bench.Timer(timerOpts)
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
