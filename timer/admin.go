@@ -64,7 +64,7 @@ func (s *Scheduler) RetryTx(ctx context.Context, tx sqldb.Tx, id string) (bool, 
 	return n == 1, nil
 }
 
-// Retry is RetryTx in a transaction of its own.
+// Retry is RetryTx in a transaction of its own; it wakes the scheduler.
 func (s *Scheduler) Retry(ctx context.Context, id string) (bool, error) {
 	var ok bool
 	err := s.db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
@@ -72,6 +72,9 @@ func (s *Scheduler) Retry(ctx context.Context, id string) (bool, error) {
 		ok, err = s.RetryTx(ctx, tx, id)
 		return err
 	})
+	if ok && err == nil {
+		s.Notify()
+	}
 	return ok, err
 }
 

@@ -94,12 +94,15 @@ type Config struct {
 	// OnFired, when set, is called after each transaction that fired timers
 	// has committed, with what it fired. Use it to wake the outbox relay
 	// (Relay.Notify) so fired messages leave at once, and for metrics. It
-	// must not block.
+	// must not block, and must be safe for concurrent use: HTTP tasks
+	// report from their own goroutines.
 	OnFired func([]Fired)
 
 	// HTTPClient makes the calls of HTTP tasks. It must not follow
 	// redirects unless the tasks' URLs are trusted to. Default: a client
-	// that does not follow redirects (a 3xx is a failure).
+	// of the scheduler's own, with http.DefaultTransport's settings, that
+	// does not follow redirects (a 3xx is a failure); Run closes its idle
+	// connections when it returns.
 	HTTPClient *http.Client
 
 	// HTTPConcurrency is how many HTTP calls run at once. Default 8.
@@ -140,7 +143,10 @@ func (cfg Config) withDefaults() Config {
 		cfg.Backoff = retry.Exponential{}.Delay
 	}
 	if cfg.HTTPClient == nil {
-		cfg.HTTPClient = &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+		cfg.HTTPClient = &http.Client{
+			Transport:     http.DefaultTransport.(*http.Transport).Clone(),
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		}
 	}
 	if cfg.HTTPConcurrency == 0 {
 		cfg.HTTPConcurrency = DefaultHTTPConcurrency

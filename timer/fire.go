@@ -36,6 +36,7 @@ func (s *Scheduler) Run(ctx context.Context) error {
 	s.fireLoop(ctx)
 	cancel()
 	wg.Wait()
+	s.cfg.HTTPClient.CloseIdleConnections()
 	return nil
 }
 
@@ -186,6 +187,33 @@ type dueRow struct {
 // fireDue fires one batch of the timers due at now in one transaction. full
 // reports a batch of BatchSize rows: more may be due.
 func (s *Scheduler) fireDue(ctx context.Context, now time.Time) (fired []Fired, full bool, err error) {
+	fired, full, err = s.fireBatch(ctx, now, nil)
+	if hf := (*handlerFailure)(nil); errors.As(err, &hf) {
+		// The batch rolled back whole. Fire it again with a savepoint
+		// around each handler, recording hf's failure without calling its
+		// handler a second time for the same attempt.
+		fired, full, err = s.fireBatch(ctx, now, hf)
+	}
+	return fired, full, err
+}
+
+// handlerFailure ends a batch fired without savepoints: the handler of
+// timer id failed with err.
+type handlerFailure struct {
+	id  string
+	err error
+}
+
+func (e *handlerFailure) Error() string {
+	return fmt.Sprintf("handler of timer %q failed: %v", e.id, e.err)
+}
+
+// fireBatch fires one batch in one transaction. With failed nil, handlers
+// run without savepoints (the common case costs no subtransaction), and the
+// first failure ends the transaction with a *handlerFailure. With failed
+// set, each handler runs under a savepoint, and failed's timer is recorded
+// as failed without being run.
+func (s *Scheduler) fireBatch(ctx context.Context, now time.Time, failed *handlerFailure) (fired []Fired, full bool, err error) {
 	now = now.UTC()
 	err = s.db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
 		fired, full = nil, false
@@ -207,7 +235,7 @@ func (s *Scheduler) fireDue(ctx context.Context, now time.Time) (fired []Fired, 
 		if len(rows) == 0 {
 			return nil
 		}
-		fired, err = s.apply(ctx, tx, now, rows)
+		fired, err = s.apply(ctx, tx, now, rows, failed)
 		return err
 	})
 	if err != nil {
@@ -253,10 +281,10 @@ func (s *Scheduler) claimDue(ctx context.Context, tx sqldb.Tx, now time.Time) ([
 }
 
 // apply fires rows in tx: topic timers into the outbox, handler timers
-// through their handlers (each under a savepoint), then deletes what fired,
+// through their handlers, then deletes what fired,
 // records what failed, and inserts the next occurrence of recurring
 // schedules.
-func (s *Scheduler) apply(ctx context.Context, tx sqldb.Tx, now time.Time, rows []dueRow) ([]Fired, error) {
+func (s *Scheduler) apply(ctx context.Context, tx sqldb.Tx, now time.Time, rows []dueRow, known *handlerFailure) ([]Fired, error) {
 	var (
 		fired   []Fired
 		done    []string // ids to delete
@@ -299,6 +327,18 @@ func (s *Scheduler) apply(ctx context.Context, tx sqldb.Tx, now time.Time, rows 
 		case KindHandler:
 			h := s.handler(r.target)
 			if h == nil { // unregistered since the batch was read
+				continue
+			}
+			if known == nil {
+				if err := s.call(message.WithCause(ctx, m), tx, h, &f); err != nil {
+					return nil, &handlerFailure{id: r.id, err: err}
+				}
+				fired = append(fired, f)
+				done = append(done, r.id)
+				continue
+			}
+			if r.id == known.id {
+				failed = append(failed, failure{row: r, err: known.err})
 				continue
 			}
 			if _, err := tx.Exec(ctx, "SAVEPOINT troupe_timer"); err != nil {

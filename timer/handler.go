@@ -17,6 +17,15 @@ import (
 // wrapped with Permanent fails the timer at once. Either way the timer is
 // then kept, marked failed with the error, for an operator (Failed,
 // RetryTx). A panic counts as an error.
+//
+// A batch's handlers run without savepoints, so that the common case costs
+// no subtransaction per timer; when one fails, the batch rolls back whole
+// and runs again with a savepoint around each handler, recording the
+// failure without calling the failing handler a second time. So a handler
+// may run more than once for one firing, but its writes through tx commit
+// once: keep its effects inside tx. Its ctx ends after half of
+// Config.LeaseTTL: on PostgreSQL a transaction idle for LeaseTTL is ended
+// by the server.
 type HandlerFunc func(ctx context.Context, tx sqldb.Tx, f *Fired) error
 
 // Handle registers h as the handler named name, the target of timers
@@ -57,6 +66,8 @@ func (s *Scheduler) handler(name string) HandlerFunc {
 
 // call runs h, turning a panic into an error.
 func (s *Scheduler) call(ctx context.Context, tx sqldb.Tx, h HandlerFunc, f *Fired) (err error) {
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.LeaseTTL/2)
+	defer cancel()
 	defer func() {
 		if r := recover(); r != nil {
 			s.log.Error("timer: handler panicked; its writes are rolled back",

@@ -496,11 +496,13 @@ func TestHandle_FailedAttemptRollsBackOnlyItsOwnWrites(t *testing.T) {
 				}
 				firedTogether <- ids
 			}})
+			var failingCalls atomic.Int32
 			if err := s.Handle("work", func(ctx context.Context, tx sqldb.Tx, f *timer.Fired) error {
 				if err := recordEffect("")(ctx, tx, f); err != nil {
 					return err
 				}
 				if f.ID == "b-fails" {
+					failingCalls.Add(1)
 					// On PostgreSQL a failed statement aborts the
 					// transaction; the savepoint must undo that as well.
 					_, _ = tx.Exec(ctx, `INSERT INTO no_such_table VALUES (1)`)
@@ -533,6 +535,11 @@ func TestHandle_FailedAttemptRollsBackOnlyItsOwnWrites(t *testing.T) {
 			}
 			if attemptsOf(t, db, "b-fails") != 1 {
 				t.Fatal("the failed timer's attempt is not counted")
+			}
+			// The batch ran again with savepoints after the failure, but the
+			// failing handler is called once per attempt.
+			if n := failingCalls.Load(); n != 1 {
+				t.Fatalf("the failing handler ran %d times for one attempt, want 1", n)
 			}
 		})
 	}
