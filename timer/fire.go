@@ -61,7 +61,7 @@ func (s *Scheduler) fireLoop(ctx context.Context) {
 			s.log.Warn("timer: firing round failed; backing off", "err", err, "failures", failures, "backoff", b)
 			select {
 			case <-ctx.Done():
-			case <-clock.After(b):
+			case <-time.After(b): // real time: the database recovers on its own schedule, not the injected clock's
 			}
 			continue
 		}
@@ -187,12 +187,20 @@ type dueRow struct {
 // fireDue fires one batch of the timers due at now in one transaction. full
 // reports a batch of BatchSize rows: more may be due.
 func (s *Scheduler) fireDue(ctx context.Context, now time.Time) (fired []Fired, full bool, err error) {
-	fired, full, err = s.fireBatch(ctx, now, nil)
+	fired, full, err = s.fireBatch(ctx, now, nil, s.cfg.BatchSize)
 	if hf := (*handlerFailure)(nil); errors.As(err, &hf) {
 		// The batch rolled back whole. Fire it again with a savepoint
 		// around each handler, recording hf's failure without calling its
 		// handler a second time for the same attempt.
-		fired, full, err = s.fireBatch(ctx, now, hf)
+		fired, full, err = s.fireBatch(ctx, now, hf, s.cfg.BatchSize)
+	}
+	if cf := (*commitFailure)(nil); errors.As(err, &cf) && ctx.Err() == nil {
+		// Applied, yet not committed: fire the oldest timer alone, and
+		// charge it an attempt if it cannot commit either.
+		if _, _, err1 := s.fireBatch(ctx, now, nil, 1); errors.As(err1, &cf) {
+			return nil, false, s.chargeAttempt(ctx, now, cf.first, cf.err)
+		}
+		return nil, true, nil
 	}
 	return fired, full, err
 }
@@ -213,8 +221,9 @@ func (e *handlerFailure) Error() string {
 // first failure ends the transaction with a *handlerFailure. With failed
 // set, each handler runs under a savepoint, and failed's timer is recorded
 // as failed without being run.
-func (s *Scheduler) fireBatch(ctx context.Context, now time.Time, failed *handlerFailure) (fired []Fired, full bool, err error) {
+func (s *Scheduler) fireBatch(ctx context.Context, now time.Time, failed *handlerFailure, limit int) (fired []Fired, full bool, err error) {
 	now = now.UTC()
+	var applied []dueRow
 	err = s.db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
 		fired, full = nil, false
 		pg := tx.Dialect() == sqldb.Postgres
@@ -227,17 +236,23 @@ func (s *Scheduler) fireBatch(ctx context.Context, now time.Time, failed *handle
 				return fmt.Errorf("set the lease: %w", err)
 			}
 		}
-		rows, err := s.claimDue(ctx, tx, now)
+		rows, err := s.claimDue(ctx, tx, now, limit)
 		if err != nil {
 			return err
 		}
-		full = len(rows) == s.cfg.BatchSize
+		full = len(rows) == limit
 		if len(rows) == 0 {
 			return nil
 		}
 		fired, err = s.apply(ctx, tx, now, rows, failed)
+		if err == nil {
+			applied = rows
+		}
 		return err
 	})
+	if err != nil && len(applied) > 0 {
+		return nil, false, &commitFailure{first: applied[0], err: err}
+	}
 	if err != nil {
 		return nil, false, err
 	}
@@ -250,7 +265,7 @@ func (s *Scheduler) fireBatch(ctx context.Context, now time.Time, failed *handle
 
 // claimDue reads and locks the batch: due timers of the in-transaction
 // kinds, oldest first, skipping those another scheduler holds.
-func (s *Scheduler) claimDue(ctx context.Context, tx sqldb.Tx, now time.Time) ([]dueRow, error) {
+func (s *Scheduler) claimDue(ctx context.Context, tx sqldb.Tx, now time.Time, limit int) ([]dueRow, error) {
 	filter, fargs := s.kindFilter(3)
 	q := `SELECT id, kind, target, due_at, payload, schedule, attempts FROM troupe_timers
 		WHERE failed_at IS NULL AND kind < 3 AND due_at <= $1 AND ` + filter + `
@@ -258,7 +273,7 @@ func (s *Scheduler) claimDue(ctx context.Context, tx sqldb.Tx, now time.Time) ([
 	if tx.Dialect() == sqldb.Postgres {
 		q += ` FOR UPDATE SKIP LOCKED`
 	}
-	args := append([]any{now, s.cfg.BatchSize}, fargs...)
+	args := append([]any{now, limit}, fargs...)
 	rs, err := tx.Query(ctx, q, args...)
 	if err != nil {
 		return nil, fmt.Errorf("read due timers: %w", err)
@@ -428,4 +443,28 @@ func deleteIDs(ctx context.Context, tx sqldb.Tx, ids []string) error {
 		}
 	}
 	return nil
+}
+
+// commitFailure ends a batch whose effects were applied but did not commit.
+type commitFailure struct {
+	first dueRow
+	err   error
+}
+
+func (e *commitFailure) Error() string { return "commit fired timers: " + e.err.Error() }
+func (e *commitFailure) Unwrap() error { return e.err }
+
+// chargeAttempt records a failed attempt of r, which could not commit.
+func (s *Scheduler) chargeAttempt(ctx context.Context, now time.Time, r dueRow, cause error) error {
+	return s.db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+		var attempts int
+		err := tx.QueryRow(ctx, `SELECT attempts FROM troupe_timers WHERE id = $1 AND failed_at IS NULL`, r.id).Scan(&attempts)
+		if errors.Is(err, sqldb.ErrNoRows) || (err == nil && attempts != r.attempts) {
+			return nil // fired or charged meanwhile
+		}
+		if err != nil {
+			return err
+		}
+		return s.recordFailure(ctx, tx, now.UTC(), r, cause, s.cfg.MaxAttempts)
+	})
 }
