@@ -131,6 +131,7 @@ type claimedTask struct {
 	task     HTTPTask
 	payload  error     // the stored task cannot be decoded
 	leaseEnd time.Time // when another scheduler may take the task over
+	lease    string    // the claim's token, which fences its outcome
 }
 
 // httpLoop claims due HTTP tasks, up to HTTPConcurrency at a time, and runs
@@ -163,7 +164,7 @@ func (s *Scheduler) httpLoop(ctx context.Context) {
 			s.log.Warn("timer: claiming HTTP tasks failed; backing off", "err", err, "failures", failures, "backoff", b)
 			select {
 			case <-ctx.Done():
-			case <-clock.After(b):
+			case <-time.After(b): // real time: the database recovers on its own schedule, not the injected clock's
 			}
 			continue
 		}
@@ -269,11 +270,12 @@ func (s *Scheduler) claimHTTP(ctx context.Context, now time.Time, n int) ([]clai
 				dropped = append(dropped, r.id)
 				continue
 			}
-			if _, err := tx.Exec(ctx, `UPDATE troupe_timers SET due_at = $1, attempts = attempts + 1 WHERE id = $2`, leaseEnd, r.id); err != nil {
+			token := s.cfg.Owner + "/" + message.NewID()
+			if _, err := tx.Exec(ctx, `UPDATE troupe_timers SET due_at = $1, attempts = attempts + 1, lease = $3 WHERE id = $2`, leaseEnd, r.id, token); err != nil {
 				return fmt.Errorf("lease HTTP task %q: %w", r.id, err)
 			}
 			r.attempts++
-			c := claimedTask{row: r, leaseEnd: leaseEnd}
+			c := claimedTask{row: r, leaseEnd: leaseEnd, lease: token}
 			if err := json.Unmarshal(r.payload, &c.task); err != nil {
 				c.payload = fmt.Errorf("stored HTTP task cannot be decoded: %w", err)
 			}
@@ -308,7 +310,7 @@ func (s *Scheduler) runTask(ctx context.Context, c claimedTask) {
 		// recorded below instead: handing it back would repeat the call.
 		hctx, cancel := context.WithTimeout(bg, outcomeWriteTimeout)
 		defer cancel()
-		if _, err := s.db.Exec(hctx, `UPDATE troupe_timers SET due_at = $1 WHERE id = $2 AND attempts = $3`, s.cfg.Clock.Now().UTC(), c.row.id, c.row.attempts); err != nil {
+		if _, err := s.db.Exec(hctx, `UPDATE troupe_timers SET due_at = $1 WHERE id = $2 AND lease = $3`, s.cfg.Clock.Now().UTC(), c.row.id, c.lease); err != nil {
 			s.log.Warn("timer: handing back an HTTP task failed; it runs again after its lease", "id", c.row.id, "err", err)
 		}
 		return
@@ -329,11 +331,11 @@ func (s *Scheduler) runTask(ctx context.Context, c claimedTask) {
 	record := func(ctx context.Context, tx sqldb.Tx) (int64, error) {
 		switch {
 		case callErr == nil:
-			return tx.Exec(ctx, `DELETE FROM troupe_timers WHERE id = $1 AND attempts = $2`, c.row.id, attempt)
+			return tx.Exec(ctx, `DELETE FROM troupe_timers WHERE id = $1 AND lease = $2`, c.row.id, c.lease)
 		case giveUp:
-			return tx.Exec(ctx, `UPDATE troupe_timers SET last_error = $1, failed_at = $2 WHERE id = $3 AND attempts = $4`, callErr.Error(), now, c.row.id, attempt)
+			return tx.Exec(ctx, `UPDATE troupe_timers SET last_error = $1, failed_at = $2 WHERE id = $3 AND lease = $4`, callErr.Error(), now, c.row.id, c.lease)
 		default:
-			return tx.Exec(ctx, `UPDATE troupe_timers SET last_error = $1, due_at = $2 WHERE id = $3 AND attempts = $4`, callErr.Error(), retryAt, c.row.id, attempt)
+			return tx.Exec(ctx, `UPDATE troupe_timers SET last_error = $1, due_at = $2 WHERE id = $3 AND lease = $4`, callErr.Error(), retryAt, c.row.id, c.lease)
 		}
 	}
 	// A database that fails the write is tried again while the lease

@@ -899,3 +899,81 @@ func TestScheduleHTTPTx_StoresTheTaskWithTheCallersTransaction(t *testing.T) {
 		})
 	}
 }
+
+// Cancelling an HTTP task under way and scheduling one with the same id:
+// the old call's late outcome must not complete the new task.
+func TestHTTP_ALateOutcomeOfACancelledCallDoesNotTouchANewTaskWithTheSameID(t *testing.T) {
+	for _, kind := range dialects {
+		t.Run(kind, func(t *testing.T) {
+			db, _ := openDB(t, kind)
+			clock := newClock()
+			firstCalled, secondCalled := make(chan struct{}), make(chan struct{})
+			releaseFirst, releaseSecond := make(chan struct{}), make(chan struct{})
+			rc := newReceiver(t, clock, func(w http.ResponseWriter, r *http.Request, n int) {
+				switch n {
+				case 1:
+					close(firstCalled)
+					<-releaseFirst
+					w.WriteHeader(http.StatusOK)
+				case 2:
+					close(secondCalled)
+					<-releaseSecond
+					http.Error(w, "busy", http.StatusServiceUnavailable)
+				default:
+					w.WriteHeader(http.StatusOK)
+				}
+			})
+			log := newLogCapture()
+			s := newScheduler(t, db, timer.Config{Clock: clock, Backoff: everyRetryAfter(time.Minute), Logger: slog.New(log)})
+			ctx := context.Background()
+			scheduleHTTP(t, s, t0, timer.HTTPTask{ID: "job", URL: rc.url("/job")})
+			startStoppable(t, s)
+			receive(t, firstCalled, "first call")
+			if ok, err := s.Cancel(ctx, "job"); err != nil || !ok {
+				t.Fatalf("Cancel = %v, %v", ok, err)
+			}
+			scheduleHTTP(t, s, clock.Now(), timer.HTTPTask{ID: "job", URL: rc.url("/job")})
+			s.Notify()
+			receive(t, secondCalled, "the new task's call")
+			close(releaseFirst)
+			waitFor(t, "the first outcome", func() bool {
+				return log.has(func(r logRecord) bool { return r.Attrs["id"] == "job" }) || !readTask(t, db, "job").exists
+			})
+			close(releaseSecond)
+			waitFor(t, "the second outcome", func() bool {
+				return log.has(func(r logRecord) bool {
+					return r.Attrs["id"] == "job" && r.Attrs["err"] != "" && r.Attrs["err"] != "<nil>"
+				})
+			})
+			if st := readTask(t, db, "job"); !st.exists {
+				t.Fatalf("the new task is gone after its only call answered 503: lost (the cancelled call's 200 deleted it)")
+			}
+		})
+	}
+}
+
+// Two schedulers claim HTTP tasks with FOR UPDATE SKIP LOCKED (SQLite: its
+// write lock): each task is called once.
+func TestHTTP_TwoSchedulersCallEachTaskOnce(t *testing.T) {
+	for _, kind := range dialects {
+		t.Run(kind, func(t *testing.T) {
+			db, _ := openDB(t, kind)
+			clock := newClock()
+			rc := newReceiver(t, clock, func(w http.ResponseWriter, r *http.Request, n int) { w.WriteHeader(http.StatusOK) })
+			a := newScheduler(t, db, timer.Config{Clock: clock, Owner: "a"})
+			b := newScheduler(t, db, timer.Config{Clock: clock, Owner: "b"})
+			const n = 40
+			for i := range n {
+				scheduleHTTP(t, a, t0, timer.HTTPTask{ID: fmt.Sprint("t", i), URL: rc.url(fmt.Sprint("/", i))})
+			}
+			startStoppable(t, a)
+			startStoppable(t, b)
+			waitFor(t, "every task done", func() bool { return countRows(t, db, `SELECT count(*) FROM troupe_timers`) == 0 })
+			for i := range n {
+				if got := len(rc.requests(fmt.Sprint("/", i))); got != 1 {
+					t.Errorf("task %d called %d times, want 1", i, got)
+				}
+			}
+		})
+	}
+}
