@@ -28,8 +28,8 @@ var (
 	// ErrInPast is returned for a due time earlier than now by more than
 	// Config.PastTolerance, or the zero time.
 	ErrInPast = errors.New("timer: due time is in the past")
-	// ErrExists is returned by ScheduleTx when a timer with the same id is
-	// still pending. The transaction is unharmed: a caller that schedules
+	// ErrExists is returned by ScheduleTx when a timer with the same id
+	// exists: pending, or failed and kept for an operator (see Failed). The transaction is unharmed: a caller that schedules
 	// idempotently (a deterministic message id) can treat it as success.
 	ErrExists = errors.New("timer: a pending timer has this id")
 	// ErrInvalidTimer is matched by the error for a timer that cannot be
@@ -230,6 +230,9 @@ func (s *Scheduler) ScheduleTx(ctx context.Context, tx sqldb.Tx, at time.Time, t
 	if err != nil {
 		return fmt.Errorf("%w: message %q: %w", ErrInvalidTimer, msg.ID, err)
 	}
+	if len(env) > message.DefaultMaxSize {
+		return fmt.Errorf("%w: message %q: its %d-byte envelope exceeds message.DefaultMaxSize", ErrInvalidTimer, msg.ID, len(env))
+	}
 	return s.insert(ctx, tx, msg.ID, target.kind, target.name, at, env, "")
 }
 
@@ -282,6 +285,8 @@ func (s *Scheduler) Cancel(ctx context.Context, id string) (bool, error) {
 
 // RescheduleTx moves the pending timer with this id to fire at at, and
 // reports whether there was one. A failed timer is not moved (see RetryTx).
+// An HTTP task whose call is under way has its lease cut short: another
+// scheduler may call it again at at, before the first call's outcome is in.
 func (s *Scheduler) RescheduleTx(ctx context.Context, tx sqldb.Tx, id string, at time.Time) (bool, error) {
 	if err := s.checkDue(at); err != nil {
 		return false, err
