@@ -142,3 +142,36 @@ func TestOccurrenceTime_ReadsBackTheOccurrenceID(t *testing.T) {
 		t.Fatal("read the time of another schedule's occurrence")
 	}
 }
+
+func TestCronRecurrence_DaylightSavingEdgesAroundTheWorld(t *testing.T) {
+	cases := []struct {
+		name, cron, zone, from string
+		n                      int
+	}{
+		{"santiago midnight spring", "0 0 * * *", "America/Santiago", "2024-09-06T12:00:00Z", 4},
+		{"santiago midnight fall", "0 0 * * *", "America/Santiago", "2024-04-05T12:00:00Z", 4},
+		{"santiago 23:30 fall", "30 23 * * *", "America/Santiago", "2024-04-05T12:00:00Z", 4},
+		{"havana midnight spring", "30 0 * * *", "America/Havana", "2024-03-09T12:00:00Z", 3},
+		{"lord howe 30min spring", "15 2 * * *", "Australia/Lord_Howe", "2024-10-04T00:00:00Z", 4},
+		{"lord howe 30min fall", "45 1 * * *", "Australia/Lord_Howe", "2024-04-05T00:00:00Z", 4},
+		{"paris two skipped", "0,30 2 * * *", "Europe/Paris", "2024-03-30T12:00:00Z", 4},
+		{"paris quarter skipped", "*/15 2 * * *", "Europe/Paris", "2024-03-30T23:00:00Z", 6},
+		{"paris 2-3 range", "30 2-3 * * *", "Europe/Paris", "2024-03-30T23:00:00Z", 4},
+		{"paris fall quarter", "*/20 2 * * *", "Europe/Paris", "2024-10-26T23:00:00Z", 6},
+	}
+	for _, c := range cases {
+		d := scheduleDef{Name: "x", Cron: c.cron, TimeZone: c.zone}
+		rec, err := d.recurrence()
+		if err != nil {
+			t.Fatal(err)
+		}
+		loc, _ := time.LoadLocation(c.zone)
+		at := parseUTC(t, c.from)
+		s := c.name + ":"
+		for i := 0; i < c.n; i++ {
+			at = rec.next(at)
+			s += " " + at.Format("01-02T15:04Z") + "(" + at.In(loc).Format("15:04 MST") + ")"
+		}
+		t.Log(s)
+	}
+}

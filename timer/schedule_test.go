@@ -290,8 +290,13 @@ func TestSchedule_MissedOccurrencesAfterDowntimeFollowThePolicy(t *testing.T) {
 					db, _ := openDB(t, kind)
 					clock := newClock()
 					s := newScheduler(t, db, timer.Config{Clock: clock})
-					putSchedule(t, s, timer.Schedule{Name: "p", Every: every, Missed: c.missed, Grace: c.grace, Target: timer.ToTopic("t"), Message: scheduleMsg()})
+					sch := timer.Schedule{Name: "p", Every: every, Missed: c.missed, Grace: c.grace, Target: timer.ToTopic("t"), Message: scheduleMsg()}
+					putSchedule(t, s, sch)
 					clock.Set(at(65)) // no scheduler ran meanwhile
+					// The service starts again and puts its schedules, as
+					// at every start-up: the same definition keeps the
+					// backlog as it was.
+					putSchedule(t, s, sch)
 					run(t, s)
 					// Then it goes on with the first occurrence after now.
 					waitForList(t, "the next occurrence", ids(70), func() []string { return pendingOccurrences(t, db, "p") })
