@@ -105,6 +105,15 @@ type Config struct {
 	// connections when it returns.
 	HTTPClient *http.Client
 
+	// FireConcurrency is how many firing transactions run at once in this
+	// scheduler. Default 1, which fires in strict due order. A batch's
+	// handlers run one after another, each statement a round trip, so on
+	// PostgreSQL 2 to 4 multiply the throughput of handler timers (measured
+	// here: 9-10k/s with 1, 35k/s with 2); batches are then claimed in due
+	// order but may commit out of it. On SQLite, which has one writer, more
+	// than 1 gains nothing.
+	FireConcurrency int
+
 	// HTTPConcurrency is how many HTTP calls run at once. Default 8.
 	HTTPConcurrency int
 
@@ -148,6 +157,9 @@ func (cfg Config) withDefaults() Config {
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 		}
 	}
+	if cfg.FireConcurrency == 0 {
+		cfg.FireConcurrency = 1
+	}
 	if cfg.HTTPConcurrency == 0 {
 		cfg.HTTPConcurrency = DefaultHTTPConcurrency
 	}
@@ -173,6 +185,9 @@ func (cfg Config) validate() error {
 	}
 	if cfg.MaxAttempts < 0 {
 		errs = append(errs, fmt.Errorf("MaxAttempts %d is negative", cfg.MaxAttempts))
+	}
+	if cfg.FireConcurrency < 0 {
+		errs = append(errs, fmt.Errorf("FireConcurrency %d is negative", cfg.FireConcurrency))
 	}
 	if cfg.HTTPConcurrency < 0 {
 		errs = append(errs, fmt.Errorf("HTTPConcurrency %d is negative", cfg.HTTPConcurrency))

@@ -33,6 +33,9 @@ func (s *Scheduler) Run(ctx context.Context) error {
 	defer cancel()
 	var wg sync.WaitGroup
 	wg.Go(func() { s.httpLoop(ctx) })
+	for range s.cfg.FireConcurrency - 1 {
+		wg.Go(func() { s.fireLoop(ctx) })
+	}
 	s.fireLoop(ctx)
 	cancel()
 	wg.Wait()

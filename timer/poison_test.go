@@ -3,6 +3,7 @@ package timer_test
 import (
 	"context"
 	"errors"
+	"strconv"
 	"testing"
 	"time"
 
@@ -180,5 +181,40 @@ func TestScheduler_AHungHolderLosesItsBatchAfterTheLease(t *testing.T) {
 	}
 	if n := countRows(t, db, `SELECT count(*) FROM troupe_timers`); n != 0 {
 		t.Fatalf("%d timers left", n)
+	}
+}
+
+// Several firing transactions at once in one scheduler fire each timer once.
+func TestScheduler_FireConcurrencyFiresEachTimerOnce(t *testing.T) {
+	for _, kind := range dialects {
+		t.Run(kind, func(t *testing.T) {
+			db, _ := openDB(t, kind)
+			clock := newClock()
+			s := newScheduler(t, db, timer.Config{Clock: clock, BatchSize: 20, FireConcurrency: 3})
+			if err := s.Handle("work", recordEffect("")); err != nil {
+				t.Fatal(err)
+			}
+			ctx := context.Background()
+			const n = 600
+			if err := db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+				for i := range n {
+					if err := s.ScheduleTx(ctx, tx, t0.Add(time.Duration(i)*time.Millisecond), timer.ToHandler("work"), newMsg("c"+strconv.Itoa(i))); err != nil {
+						return err
+					}
+				}
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+			run(t, s)
+			clock.Advance(time.Second)
+			waitFor(t, "every timer", func() bool { return countRows(t, db, `SELECT count(*) FROM troupe_timers`) == 0 })
+			if got := countRows(t, db, `SELECT count(*) FROM effects`); got != n {
+				t.Fatalf("%d effects, want %d", got, n)
+			}
+			if got := countRows(t, db, `SELECT count(DISTINCT timer_id) FROM effects`); got != n {
+				t.Fatalf("%d distinct timers had an effect, want %d", got, n)
+			}
+		})
 	}
 }
