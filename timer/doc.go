@@ -30,7 +30,8 @@
 // coordination; the transaction is their lease, ended by the server if its
 // holder dies (at once) or hangs (after LeaseTTL idle). On SQLite the
 // database's write lock serializes the firing transactions. After downtime,
-// overdue timers fire at once, in due order. A pending timer costs an index
+// overdue timers fire at once, in due order (with Config.FireConcurrency
+// above 1, batches are claimed in due order but may commit out of it). A pending timer costs an index
 // entry, not memory: a scheduler holds one batch at a time, and between
 // batches waits until the next due time (read from the index), a Notify, or
 // PollInterval, whichever comes first.
@@ -42,7 +43,13 @@
 //     writes) commit in one transaction: either both happen or neither, and
 //     a timer row can be deleted only once. A crash before the commit rolls
 //     both back and the timer fires later; a crash after it leaves nothing
-//     to fire again.
+//     to fire again. What is exactly once is the handler's writes through
+//     its tx, not its calls: a handler may run again for the same firing
+//     (its batch rolled back because another timer failed), so it must not
+//     act outside tx. A timer whose batch cannot commit (a deferred
+//     constraint, a server that ended the transaction) is found by firing
+//     the oldest due timer alone, and charged the attempt, so one poison
+//     timer never stalls the others.
 //   - What follows the outbox is at least once, made effectively once by
 //     ids: the relay publishes the fired message until the broker
 //     acknowledges it, possibly more than once, always with the same
