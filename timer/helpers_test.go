@@ -125,3 +125,21 @@ func newMsg(id string) *message.Message {
 }
 
 func newClock() *clocktest.Clock { return clocktest.New(t0) }
+
+// runStoppable runs s until the returned stop is called (or the test
+// ends); stop returns once Run has.
+func runStoppable(t testing.TB, s *timer.Scheduler) (stop func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := s.Run(ctx); err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+	var once sync.Once
+	stop = func() { once.Do(func() { cancel(); <-done }) }
+	t.Cleanup(stop)
+	return stop
+}

@@ -76,24 +76,6 @@ func (rc *receiver) requests(path string) []received {
 	return out
 }
 
-// startStoppable runs s until the returned stop is called or the test ends; stop
-// returns once Run has returned.
-func startStoppable(t testing.TB, s *timer.Scheduler) (stop func()) {
-	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		if err := s.Run(ctx); err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	}()
-	var once sync.Once
-	stop = func() { once.Do(func() { cancel(); <-done }) }
-	t.Cleanup(stop)
-	return stop
-}
-
 // receive receives from ch, failing the test after 20 s.
 func receive[T any](t testing.TB, ch <-chan T, what string) T {
 	t.Helper()
@@ -242,7 +224,7 @@ func TestScheduleHTTP_CallsTheURLWhenDueWithTheTasksRequestThenDeletesIt(t *test
 			if id != "invoice-42" {
 				t.Fatalf("ScheduleHTTP returned id %q, want the task's", id)
 			}
-			startStoppable(t, s)
+			runStoppable(t, s)
 			clock.Advance(59 * time.Second)
 			var f timer.Fired
 			driveClock(t, db, clock, time.Second, "OnFired", gotFired(fired, &f))
@@ -290,7 +272,7 @@ func TestHTTP_RetriesA503AfterTheBackoffWithTheSameIdempotencyKey(t *testing.T) 
 			fired, onFired := firedChan()
 			s := newScheduler(t, db, timer.Config{Clock: clock, OnFired: onFired, Backoff: everyRetryAfter(10 * time.Second)})
 			id := scheduleHTTP(t, s, t0, timer.HTTPTask{URL: rc.url("/flaky")})
-			startStoppable(t, s)
+			runStoppable(t, s)
 
 			waitFor(t, "the 503 recorded", func() bool { return readTask(t, db, id).lastError != "" })
 			st := readTask(t, db, id)
@@ -356,7 +338,7 @@ func TestHTTP_RetryAfterDelaysTheRetryBeyondTheBackoff(t *testing.T) {
 			for i := range cases {
 				ids[i] = scheduleHTTP(t, s, t0, timer.HTTPTask{URL: rc.url(fmt.Sprint("/c", i))})
 			}
-			startStoppable(t, s)
+			runStoppable(t, s)
 			for i, c := range cases {
 				waitFor(t, c.name+": the 429 recorded", func() bool { return readTask(t, db, ids[i]).lastError != "" })
 				st := readTask(t, db, ids[i])
@@ -395,7 +377,7 @@ func TestHTTP_ANon2xxAnswerThatRetryingCannotMendFailsAtOnceAndRetryTxRearmsIt(t
 			s := newScheduler(t, db, timer.Config{Clock: clock, OnFired: onFired})
 			gone := scheduleHTTP(t, s, t0, timer.HTTPTask{URL: rc.url("/gone")})
 			moved := scheduleHTTP(t, s, t0, timer.HTTPTask{URL: rc.url("/moved")})
-			startStoppable(t, s)
+			runStoppable(t, s)
 
 			waitFor(t, "both tasks failed", func() bool { return len(failedByID(t, s)) == 2 })
 			failed := failedByID(t, s)
@@ -487,7 +469,7 @@ func TestHTTP_ExhaustingMaxAttemptsFailsTheTaskWithTheLastError(t *testing.T) {
 			s := newScheduler(t, db, timer.Config{Clock: clock, MaxAttempts: 3, Backoff: everyRetryAfter(time.Second)})
 			own := scheduleHTTP(t, s, t0, timer.HTTPTask{URL: rc.url("/own"), MaxAttempts: 5})
 			dflt := scheduleHTTP(t, s, t0, timer.HTTPTask{URL: rc.url("/default")})
-			startStoppable(t, s)
+			runStoppable(t, s)
 
 			driveClock(t, db, clock, time.Second, "both tasks failed", func() bool { return len(failedByID(t, s)) == 2 })
 			failed := failedByID(t, s)
@@ -526,7 +508,7 @@ func TestHTTP_ACallSlowerThanItsTimeoutIsRetried(t *testing.T) {
 			fired, onFired := firedChan()
 			s := newScheduler(t, db, timer.Config{Clock: clock, OnFired: onFired, Backoff: everyRetryAfter(time.Second)})
 			id := scheduleHTTP(t, s, t0, timer.HTTPTask{URL: rc.url("/slow"), Timeout: 200 * time.Millisecond})
-			startStoppable(t, s)
+			runStoppable(t, s)
 
 			waitFor(t, "the timeout recorded", func() bool { return readTask(t, db, id).lastError != "" })
 			st := readTask(t, db, id)
@@ -577,9 +559,9 @@ func TestHTTP_AnOutcomeAfterTheLeaseWasTakenOverIsIgnored(t *testing.T) {
 				b := newScheduler(t, db, timer.Config{Clock: clock, Owner: "b", OnFired: onFired})
 				id := scheduleHTTP(t, a, t0, timer.HTTPTask{URL: rc.url("/job")})
 
-				stopA := startStoppable(t, a)
+				stopA := runStoppable(t, a)
 				receive(t, aCalled, "A's call")
-				startStoppable(t, b)
+				runStoppable(t, b)
 				clock.Advance(timer.DefaultLeaseTTL) // A's lease ends; B takes the task
 				receive(t, bCalled, "B's call")
 				st := readTask(t, db, id)
@@ -638,7 +620,7 @@ func TestHTTP_ConcurrencyBoundsTheCallsInFlight(t *testing.T) {
 			for i := range tasks {
 				scheduleHTTP(t, s, t0, timer.HTTPTask{ID: fmt.Sprint("t", i), URL: rc.url("/work")})
 			}
-			startStoppable(t, s)
+			runStoppable(t, s)
 
 			waitFor(t, "the first calls", func() bool { return inFlight.Load() >= limit })
 			if n := countRows(t, db, `SELECT count(*) FROM troupe_timers WHERE attempts > 0`); n != limit {
@@ -674,7 +656,7 @@ func TestHTTP_StoppingMidCallHandsTheTaskBackToBeCalledAtOnce(t *testing.T) {
 			})
 			a := newScheduler(t, db, timer.Config{Clock: clock, Owner: "a"})
 			id := scheduleHTTP(t, a, t0, timer.HTTPTask{URL: rc.url("/job")})
-			stopA := startStoppable(t, a)
+			stopA := runStoppable(t, a)
 			receive(t, called, "the first call")
 			stopA()
 			if st := readTask(t, db, id); !st.exists || st.failed || st.due.After(clock.Now()) {
@@ -683,7 +665,7 @@ func TestHTTP_StoppingMidCallHandsTheTaskBackToBeCalledAtOnce(t *testing.T) {
 
 			fired, onFired := firedChan()
 			b := newScheduler(t, db, timer.Config{Clock: clock, Owner: "b", OnFired: onFired})
-			startStoppable(t, b) // the clock does not move: no waiting for A's lease
+			runStoppable(t, b) // the clock does not move: no waiting for A's lease
 			if f := receive(t, fired, "B's OnFired"); f.ID != id {
 				t.Fatalf("OnFired got %+v, want %q", f, id)
 			}
@@ -787,7 +769,7 @@ func TestHTTP_AnOutcomeTheDatabaseRefusedIsRecordedOnceItIsBackWithinTheLease(t 
 			s := newScheduler(t, db, timer.Config{Clock: clock, Logger: slog.New(logs), OnFired: onFired})
 			id := scheduleHTTP(t, s, t0, timer.HTTPTask{URL: rc.url("/job")})
 			down()
-			startStoppable(t, s)
+			runStoppable(t, s)
 			waitFor(t, "recording the 200 to fail", func() bool {
 				return logs.has(func(r logRecord) bool {
 					return r.Attrs["id"] == id && strings.Contains(r.Attrs["err"], "database down")
@@ -927,7 +909,7 @@ func TestHTTP_ALateOutcomeOfACancelledCallDoesNotTouchANewTaskWithTheSameID(t *t
 			s := newScheduler(t, db, timer.Config{Clock: clock, Backoff: everyRetryAfter(time.Minute), Logger: slog.New(log)})
 			ctx := context.Background()
 			scheduleHTTP(t, s, t0, timer.HTTPTask{ID: "job", URL: rc.url("/job")})
-			startStoppable(t, s)
+			runStoppable(t, s)
 			receive(t, firstCalled, "first call")
 			if ok, err := s.Cancel(ctx, "job"); err != nil || !ok {
 				t.Fatalf("Cancel = %v, %v", ok, err)
@@ -966,8 +948,8 @@ func TestHTTP_TwoSchedulersCallEachTaskOnce(t *testing.T) {
 			for i := range n {
 				scheduleHTTP(t, a, t0, timer.HTTPTask{ID: fmt.Sprint("t", i), URL: rc.url(fmt.Sprint("/", i))})
 			}
-			startStoppable(t, a)
-			startStoppable(t, b)
+			runStoppable(t, a)
+			runStoppable(t, b)
 			waitFor(t, "every task done", func() bool { return countRows(t, db, `SELECT count(*) FROM troupe_timers`) == 0 })
 			for i := range n {
 				if got := len(rc.requests(fmt.Sprint("/", i))); got != 1 {

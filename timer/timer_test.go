@@ -1026,24 +1026,6 @@ func openAgain(t testing.TB, url string) *sqldb.DB {
 	return db
 }
 
-// runStoppable runs s until the returned stop is called (or the test
-// ends); stop returns once Run has.
-func runStoppable(t testing.TB, s *timer.Scheduler) (stop func()) {
-	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		if err := s.Run(ctx); err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	}()
-	var once sync.Once
-	stop = func() { once.Do(func() { cancel(); <-done }) }
-	t.Cleanup(stop)
-	return stop
-}
-
 // scheduleMany schedules n timers to target in one transaction, due 1 ms
 // apart from t0 + 1 s, with ids prefix0000, prefix0001, ..., and returns the
 // ids.
