@@ -79,4 +79,16 @@
 // NATS JetStream, the stream's MaxAge when a relay re-publishes after the
 // dedup window; for Kafka, the topic's retention when a group is reset to
 // replay). A copy arriving after its row was pruned is handled again.
+//
+// # The saga barrier
+//
+// A saga participant runs each side of a step (its action, its
+// compensation) through BarrierTx, in the transaction that applies it. The
+// barrier's rows, keyed by saga id, step and side, absorb the three
+// anomalies of sagas over an at-least-once transport: a duplicate request
+// has no second effect; a compensation that arrives before its action
+// succeeds as a no-op (a null compensation); and the late action is then
+// refused, so nothing stays reserved that no compensation will release.
+// Barrier rows are kept (Prune does not delete them): a late action may
+// arrive at any time after its compensation.
 package inbox

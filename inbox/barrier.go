@@ -1,0 +1,258 @@
+package inbox
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/troupedev/troupe/sqldb"
+)
+
+// BarrierOp is the side of a saga step that a participant is asked to run.
+// Its String is the name stored in troupe_barrier.
+type BarrierOp int
+
+const (
+	// BarrierAction is the step's forward action, such as reserving credit.
+	BarrierAction BarrierOp = iota + 1
+	// BarrierCompensation undoes the step's action, such as releasing the
+	// credit it reserved.
+	BarrierCompensation
+)
+
+// String returns "action" or "compensation", the names stored in
+// troupe_barrier's op and origin columns.
+func (op BarrierOp) String() string {
+	switch op {
+	case BarrierAction:
+		return "action"
+	case BarrierCompensation:
+		return "compensation"
+	}
+	return fmt.Sprintf("BarrierOp(%d)", int(op))
+}
+
+// BarrierOutcome is what BarrierTx did with one call. Every outcome comes
+// with a nil error and is an answer the participant can commit and reply
+// with; the zero value is returned only with an error.
+type BarrierOutcome int
+
+const (
+	// BarrierApplied means fn ran: its writes and the barrier's row commit
+	// together in the caller's transaction. Reply with fn's result.
+	BarrierApplied BarrierOutcome = iota + 1
+
+	// BarrierDuplicate means this side of the step was already done (or,
+	// for a compensation, ruled out as a null compensation) by a committed
+	// transaction, possibly one BarrierTx waited for; fn did not run, so
+	// a redelivered or retried request has no second effect. Reply as the
+	// first time: if that reply depended on what fn decided, fn must keep
+	// its decision in the participant's tables to be read back here.
+	BarrierDuplicate
+
+	// BarrierNullCompensation means the compensation arrived before its
+	// action, which has not run and now never will (a late action gets
+	// BarrierRefused): there is nothing to undo, fn did not run, and the
+	// step is compensated. Reply success.
+	BarrierNullCompensation
+
+	// BarrierRefused means the action arrived after its step's
+	// compensation (a late or retried request the saga gave up on): fn
+	// did not run, so nothing is reserved that no compensation would ever
+	// release. Reply with a business refusal; the saga has moved on and
+	// treats it as a failed step. Nothing was written: committing the
+	// transaction is safe, and so is rolling it back.
+	BarrierRefused
+)
+
+// String returns "applied", "duplicate", "null_compensation" or "refused",
+// for logs and saga histories.
+func (o BarrierOutcome) String() string {
+	switch o {
+	case BarrierApplied:
+		return "applied"
+	case BarrierDuplicate:
+		return "duplicate"
+	case BarrierNullCompensation:
+		return "null_compensation"
+	case BarrierRefused:
+		return "refused"
+	}
+	return fmt.Sprintf("BarrierOutcome(%d)", int(o))
+}
+
+// BarrierTx runs one side (op) of step sagaID/step on a saga participant:
+// fn, the action or the compensation, through tx, behind a barrier that
+// makes the participant safe against the three anomalies of a saga whose
+// requests are retried, duplicated and reordered:
+//
+//   - Duplicate request: the same action or compensation arrives twice (a
+//     redelivery, a retry after a timeout whose first attempt had in fact
+//     succeeded). The second call returns BarrierDuplicate without running
+//     fn, so it has no second effect. The inbox already drops a message
+//     delivered twice; the barrier also catches a retry sent as a new
+//     message or as a new HTTP call with the same saga id and step.
+//   - Null compensation: the saga compensates a step whose action never
+//     ran here (the action was lost, or is still on its way, and the saga's
+//     deadline passed). The compensation is recorded, fn does not run (there
+//     is nothing to undo), and the call returns BarrierNullCompensation,
+//     which the saga takes as success.
+//   - Hanging (late) action: the action arrives after its compensation. It
+//     returns BarrierRefused without running fn: run, it would reserve
+//     something that no compensation will ever release.
+//
+// How: the table troupe_barrier has one row per (saga id, step, side). The
+// action inserts the row (sagaID, step, action); if it was there already,
+// the call is a duplicate, or the row was inserted by a compensation that
+// came first and the action is refused. The compensation inserts the same
+// action row and its own (sagaID, step, compensation) row in one
+// statement: if the action row was new, the action never ran (null
+// compensation); if only the compensation row was new, fn undoes the
+// action; if neither, the call is a duplicate. Each row's insert uses the
+// key's uniqueness, so on PostgreSQL an action and a compensation of one
+// step running at once serialize: the second insert waits for the first
+// transaction and then sees its row (or, if it rolled back, inserts its
+// own). On SQLite write transactions are serialized anyway. The barrier
+// expects transactions at READ COMMITTED, as DB.InTx begins them; at
+// REPEATABLE READ or SERIALIZABLE, PostgreSQL fails a call that meets a row
+// committed after its snapshot with a serialization error, and the
+// transaction must be retried.
+//
+// The rows are written in tx, with fn's writes: they commit together or not
+// at all. If fn returns an error, BarrierTx returns that error as is, and
+// the caller must roll tx back (return the error from DB.InTx's function or
+// the inbox's HandlerFunc): the barrier's rows go with it, so a retry of a
+// failed action or compensation runs fn again. A participant that refuses
+// an action for a business reason and wants the refusal to stand records
+// it through tx and returns nil. Committing tx after fn failed would keep
+// the barrier's row without fn's effect, and a retry would then be taken
+// for a duplicate.
+//
+//	err := db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+//		outcome, err := ib.BarrierTx(ctx, tx, sagaID, "reserve-credit", inbox.BarrierAction,
+//			func(ctx context.Context, tx sqldb.Tx) error { return reserveCredit(ctx, tx, customer, total) })
+//		if err != nil {
+//			return err
+//		}
+//		return outbox.AddTx(ctx, tx, replyFor(outcome)) // BarrierRefused: a refusal
+//	})
+//
+// sagaID and step must not be empty, op must be BarrierAction or
+// BarrierCompensation, and tx and fn must not be nil; BarrierTx reports
+// every such problem in one error and then writes nothing. A row's created_at is read
+// from Config.Now. Prune does not delete barrier rows: a row deleted while
+// its saga could still send the step would let a late action through.
+//
+// BarrierTx is a method, though it needs only the Inbox's clock, so that a
+// participant's inbox and its barrier share one configuration and one set
+// of migrations.
+func (ib *Inbox) BarrierTx(ctx context.Context, tx sqldb.Tx, sagaID, step string, op BarrierOp,
+	fn func(ctx context.Context, tx sqldb.Tx) error) (BarrierOutcome, error) {
+	if err := checkBarrierArgs(tx, sagaID, step, op, fn); err != nil {
+		return 0, err
+	}
+	now := ib.cfg.Now().UTC()
+	var outcome BarrierOutcome
+	var err error
+	if op == BarrierAction {
+		outcome, err = barrierAction(ctx, tx, sagaID, step, now)
+	} else {
+		outcome, err = barrierCompensation(ctx, tx, sagaID, step, now)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("inbox: barrier for the %s of saga %q step %q: %w", op, sagaID, step, err)
+	}
+	if outcome != BarrierApplied {
+		return outcome, nil
+	}
+	if err := fn(ctx, tx); err != nil {
+		return 0, err
+	}
+	return BarrierApplied, nil
+}
+
+// barrierAction claims the action row for the action. It returns
+// BarrierApplied when fn is to run.
+func barrierAction(ctx context.Context, tx sqldb.Tx, sagaID, step string, now time.Time) (BarrierOutcome, error) {
+	n, err := tx.Exec(ctx, `INSERT INTO troupe_barrier (saga_id, step, op, origin, created_at)
+		VALUES ($1, $2, 'action', 'action', $3) ON CONFLICT DO NOTHING`, sagaID, step, now)
+	if err != nil {
+		return 0, err
+	}
+	if n == 1 {
+		return BarrierApplied, nil
+	}
+	var origin string
+	err = tx.QueryRow(ctx, `SELECT origin FROM troupe_barrier WHERE saga_id = $1 AND step = $2 AND op = 'action'`,
+		sagaID, step).Scan(&origin)
+	if err != nil {
+		return 0, fmt.Errorf("read the action row's origin: %w", err)
+	}
+	switch origin {
+	case "action":
+		return BarrierDuplicate, nil
+	case "compensation":
+		return BarrierRefused, nil
+	}
+	return 0, fmt.Errorf("action row has origin %q, want action or compensation", origin)
+}
+
+// barrierCompensation claims the action row (in case the action never ran)
+// and the compensation row, in this order, in one statement. All calls
+// insert a step's rows in the same order, so concurrent calls cannot
+// deadlock on them. It returns BarrierApplied when fn is to run.
+func barrierCompensation(ctx context.Context, tx sqldb.Tx, sagaID, step string, now time.Time) (BarrierOutcome, error) {
+	rows, err := tx.Query(ctx, `INSERT INTO troupe_barrier (saga_id, step, op, origin, created_at)
+		VALUES ($1, $2, 'action', 'compensation', $3), ($1, $2, 'compensation', 'compensation', $3)
+		ON CONFLICT DO NOTHING RETURNING op`, sagaID, step, now)
+	if err != nil {
+		return 0, err
+	}
+	var actionRow, compensationRow bool
+	for rows.Next() {
+		var op string
+		if err := rows.Scan(&op); err != nil {
+			rows.Close()
+			return 0, err
+		}
+		actionRow = actionRow || op == "action"
+		compensationRow = compensationRow || op == "compensation"
+	}
+	if err := rows.Close(); err != nil {
+		return 0, err
+	}
+	switch {
+	case actionRow:
+		// Ours is the step's first row: the action never ran.
+		return BarrierNullCompensation, nil
+	case compensationRow:
+		return BarrierApplied, nil
+	default:
+		return BarrierDuplicate, nil
+	}
+}
+
+func checkBarrierArgs(tx sqldb.Tx, sagaID, step string, op BarrierOp,
+	fn func(context.Context, sqldb.Tx) error) error {
+	var errs []error
+	if tx == nil {
+		errs = append(errs, errors.New("nil tx"))
+	}
+	if sagaID == "" {
+		errs = append(errs, errors.New("empty saga id"))
+	}
+	if step == "" {
+		errs = append(errs, errors.New("empty step"))
+	}
+	if op != BarrierAction && op != BarrierCompensation {
+		errs = append(errs, fmt.Errorf("op %v: want BarrierAction or BarrierCompensation", op))
+	}
+	if fn == nil {
+		errs = append(errs, errors.New("nil fn"))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("inbox: barrier for saga %q step %q: %w", sagaID, step, err)
+	}
+	return nil
+}
