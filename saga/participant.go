@@ -1,0 +1,132 @@
+package saga
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/troupedev/troupe/broker"
+	"github.com/troupedev/troupe/inbox"
+	"github.com/troupedev/troupe/message"
+	"github.com/troupedev/troupe/outbox"
+	"github.com/troupedev/troupe/sqldb"
+)
+
+// StepFunc runs one side of a step in the participant's transaction and
+// returns its reply: Success(data), or Failure(reason) for a business
+// refusal. Either commits: the refusal is recorded as the step's answer, so
+// a repeated command gets no different one. An error instead rolls
+// everything back and has the command redelivered after a backoff (wrap it
+// with inbox.Permanent to dead-letter the command).
+type StepFunc func(ctx context.Context, tx sqldb.Tx, cmd *Command) (Reply, error)
+
+// A Participant handles saga commands in a service that owns resources a
+// saga uses (credit, stock, seats). For each command it runs, in one
+// transaction of the participant's database:
+//
+//   - the inbox claim of the message (a redelivered copy does nothing);
+//   - the barrier for (saga, step, side) (inbox.BarrierTx): a repeated
+//     action or compensation (a new command for a step already done, as a
+//     saga's retry after a deadline sends) has no second effect; a
+//     compensation that arrives before its action succeeds without running
+//     (null compensation), and the late action is then refused;
+//   - the step's function, with the participant's own writes;
+//   - the reply, added to the participant's outbox for the command's reply
+//     topic.
+//
+// A repeated command gets no reply of its own: the reply to the first is
+// already in the outbox, and the outbox delivers it. Register the steps
+// with Handle, then subscribe Handler to the command topic.
+type Participant struct {
+	ib     *inbox.Inbox
+	source string
+
+	mu    sync.Mutex
+	steps map[string]participantStep
+}
+
+type participantStep struct {
+	action, compensation StepFunc
+}
+
+// NewParticipant returns a participant that records its handling in ib and
+// replies as source (the participant service's CloudEvents source, e.g.
+// "/services/customer"). The database of ib needs the inbox's and the
+// outbox's tables (inbox.Migrate, outbox.Migrate).
+func NewParticipant(ib *inbox.Inbox, source string) (*Participant, error) {
+	if ib == nil || source == "" {
+		return nil, errors.New("saga: NewParticipant needs an inbox and a source")
+	}
+	return &Participant{ib: ib, source: source, steps: map[string]participantStep{}}, nil
+}
+
+// Handle registers the two sides of the step that commands of type
+// commandType ask for. compensation may be nil for a step with nothing to
+// undo (its compensation commands then succeed at once).
+func (p *Participant) Handle(commandType string, action, compensation StepFunc) error {
+	if commandType == "" || action == nil {
+		return errors.New("saga: Participant.Handle needs a command type and an action")
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.steps[commandType] = participantStep{action: action, compensation: compensation}
+	return nil
+}
+
+// Handler returns the broker handler for the participant's command topic;
+// consumer names the subscription's group, as for inbox.Handler. A message
+// that is not a saga command, or whose type no step handles, is
+// dead-lettered with the reason.
+func (p *Participant) Handler(consumer string) broker.Handler {
+	return p.ib.Handler(consumer, p.HandleTx)
+}
+
+// HandleTx handles one command in tx, the transaction in which the caller
+// has recorded the message in its inbox (inbox.Handler does; a caller with
+// its own consumption loop calls inbox.ClaimTx first). Handler uses it.
+func (p *Participant) HandleTx(ctx context.Context, tx sqldb.Tx, m *message.Message) error {
+	cmd, err := ParseCommand(m)
+	if err != nil {
+		return inbox.Permanent(err)
+	}
+	p.mu.Lock()
+	st, ok := p.steps[m.Type]
+	p.mu.Unlock()
+	if !ok {
+		return inbox.Permanent(fmt.Errorf("saga: no step handles commands of type %q", m.Type))
+	}
+	fn, op := st.action, inbox.BarrierAction
+	if cmd.Op == Compensation {
+		fn, op = st.compensation, inbox.BarrierCompensation
+	}
+	var reply Reply
+	outcome, err := p.ib.BarrierTx(ctx, tx, cmd.SagaID, cmd.Step, op, func(ctx context.Context, tx sqldb.Tx) error {
+		if fn == nil {
+			reply = Success(nil)
+			return nil
+		}
+		var err error
+		reply, err = fn(ctx, tx, cmd)
+		if err == nil && reply.Outcome != Succeeded && reply.Outcome != Failed {
+			err = fmt.Errorf("saga: step %q returned a reply without an outcome (use Success or Failure)", cmd.Step)
+		}
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	switch outcome {
+	case inbox.BarrierDuplicate:
+		return nil // the first time's reply is in the outbox already
+	case inbox.BarrierNullCompensation:
+		reply = Success(nil)
+	case inbox.BarrierRefused:
+		reply = Failure("refused: the step was compensated before this action arrived")
+	}
+	rm, err := replyMessage(p.source, cmd, reply)
+	if err != nil {
+		return err
+	}
+	return outbox.Add(ctx, tx, cmd.ReplyTo, rm)
+}
