@@ -3,9 +3,28 @@
 // database and sending the message that triggers the next, with
 // compensating transactions when a step fails.
 //
-// This version holds the wire protocol and the participant side; the
-// orchestrator (the persistent state machine in the owning service) builds
-// on both.
+// # Orchestration
+//
+// A Definition names a saga type and its steps, with typed data (a Go type
+// stored as JSON with each instance). A step is local (a function run in
+// the owner's database) or a command to a Participant over the broker,
+// with a deadline and a number of attempts. An Orchestrator keeps each
+// instance as a row in the owning service's database; every transition —
+// StartTx, a reply (Orchestrator.Handler, through the inbox), a deadline
+// (a timer, fired by the timer scheduler in its own transaction) — is one
+// local transaction that records the new state, a history entry, the next
+// command in the outbox and its deadline timer. No coordinator is needed.
+//
+// A refusal (a participant's Failure reply, or Refuse from a local step)
+// compensates the completed steps in reverse order. A command unanswered
+// by its deadline is sent again (a new message for the same barrier key,
+// so it has no second effect); after MaxAttempts the action counts as
+// failed and its own step is compensated too, since it may have run. A
+// compensation that is refused or never answered parks the saga with the
+// reason for an operator.
+//
+// Not yet here (see the project's issues): steps over HTTP, parallel
+// groups, operator retry and abort of parked sagas, choreography tracking.
 //
 // # Protocol
 //
