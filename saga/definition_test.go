@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/troupedev/troupe/inbox"
+	"github.com/troupedev/troupe/internal/pgtest"
 	"github.com/troupedev/troupe/outbox"
 	"github.com/troupedev/troupe/saga"
 	"github.com/troupedev/troupe/sqldb"
@@ -16,9 +17,18 @@ import (
 
 // newOrchestrator returns an orchestrator on a fresh SQLite database.
 func newOrchestrator(t *testing.T) (*saga.Orchestrator, *sqldb.DB) {
+	return newOrchestratorOn(t, "sqlite")
+}
+
+// newOrchestratorOn returns an orchestrator on a fresh database of kind.
+func newOrchestratorOn(t *testing.T, kind string) (*saga.Orchestrator, *sqldb.DB) {
 	t.Helper()
 	ctx := context.Background()
-	db, err := sqldb.Open(ctx, "sqlite://"+filepath.Join(t.TempDir(), "owner.db"), nil)
+	url := "sqlite://" + filepath.Join(t.TempDir(), "owner.db")
+	if kind == "postgres" {
+		url = pgtest.URL(t)
+	}
+	db, err := sqldb.Open(ctx, url, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -256,9 +256,9 @@ func (o *Orchestrator) advance(ctx context.Context, tx sqldb.Tx, def *definition
 			}
 			st := def.steps[in.step]
 			if !st.isLocal() {
-				return o.send(ctx, tx, def, in, Action, 1)
+				return o.send(ctx, tx, def, in, Action, in.attempt+1)
 			}
-			data, refused, err := o.runLocal(ctx, tx, in, st.local)
+			data, refused, err := o.runLocal(ctx, tx, in, st.local, false)
 			if err != nil {
 				return err
 			}
@@ -289,12 +289,22 @@ func (o *Orchestrator) advance(ctx context.Context, tx sqldb.Tx, def *definition
 			}
 			st := def.steps[in.step]
 			if !st.isLocal() {
-				return o.send(ctx, tx, def, in, Compensation, 1)
+				return o.send(ctx, tx, def, in, Compensation, in.attempt+1)
 			}
 			if st.undoLocal != nil {
-				data, err := st.undoLocal(ctx, tx, in.id, in.data)
+				data, failed, err := o.runLocal(ctx, tx, in, st.undoLocal, true)
 				if err != nil {
 					return err
+				}
+				if failed != nil {
+					// A compensation that fails is not retried blindly:
+					// the saga waits for an operator (RetryTx, AbortTx).
+					in.status, in.reason = Parked, fmt.Sprintf("compensation of step %q failed: %v", st.name, failed)
+					o.log.Error("saga: parked for an operator", "saga", in.id, "reason", in.reason)
+					if err := o.record(ctx, tx, in, st.name, Compensation.String(), 1, "failed", failed.Error()); err != nil {
+						return err
+					}
+					return o.save(ctx, tx, in)
 				}
 				in.data = data
 			}
@@ -316,19 +326,23 @@ func (o *Orchestrator) startCompensating(in *instance, reason string) {
 }
 
 // runLocal runs a local step under a savepoint, so that a refusal undoes
-// its writes.
+// its writes. With anyError, every error of f counts as its refusal
+// (compensations, which have no refusal of their own).
 func (o *Orchestrator) runLocal(ctx context.Context, tx sqldb.Tx, in *instance,
-	f func(context.Context, sqldb.Tx, string, []byte) ([]byte, error)) (data []byte, refused error, err error) {
+	f func(context.Context, sqldb.Tx, string, []byte) ([]byte, error), anyError bool) (data []byte, refused error, err error) {
 	if _, err := tx.Exec(ctx, "SAVEPOINT troupe_saga_step"); err != nil {
 		return nil, nil, fmt.Errorf("saga: savepoint: %w", err)
 	}
 	data, ferr := f(ctx, tx, in.id, in.data)
 	var r *refusal
-	if errors.As(ferr, &r) {
+	if errors.As(ferr, &r) || (anyError && ferr != nil) {
 		if _, err := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT troupe_saga_step"); err != nil {
 			return nil, nil, fmt.Errorf("saga: roll back a refused step: %w", err)
 		}
-		return nil, r.err, nil
+		if r != nil {
+			return nil, r.err, nil
+		}
+		return nil, ferr, nil
 	}
 	if ferr != nil {
 		return nil, nil, ferr
@@ -416,7 +430,7 @@ func (o *Orchestrator) HandleReplyTx(ctx context.Context, tx sqldb.Tx, m *messag
 		if err := o.record(ctx, tx, in, st.name, r.Op.String(), in.attempt, "done", ""); err != nil {
 			return err
 		}
-		in.step++
+		in.step, in.attempt = in.step+1, 0
 	case r.Op == Action:
 		if err := o.record(ctx, tx, in, st.name, r.Op.String(), in.attempt, "refused", r.Reason); err != nil {
 			return err
@@ -426,7 +440,7 @@ func (o *Orchestrator) HandleReplyTx(ctx context.Context, tx sqldb.Tx, m *messag
 		if err := o.record(ctx, tx, in, st.name, r.Op.String(), in.attempt, "done", ""); err != nil {
 			return err
 		}
-		in.step--
+		in.step, in.attempt = in.step-1, 0
 	default:
 		reason := fmt.Sprintf("compensation of step %q refused: %s", st.name, r.Reason)
 		if err := o.record(ctx, tx, in, st.name, r.Op.String(), in.attempt, "refused", r.Reason); err != nil {
