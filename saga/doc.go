@@ -20,11 +20,13 @@
 // by its deadline is sent again (a new message for the same barrier key,
 // so it has no second effect); after MaxAttempts the action counts as
 // failed and its own step is compensated too, since it may have run. A
-// compensation that is refused or never answered parks the saga with the
-// reason for an operator.
+// compensation that is refused, never answered, or (for a local step)
+// fails parks the saga with the reason for an operator, who lists parked
+// sagas (List), reads their history (History), and retries (RetryTx) or
+// aborts (AbortTx) them.
 //
 // Not yet here (see the project's issues): steps over HTTP, parallel
-// groups, operator retry and abort of parked sagas, choreography tracking.
+// groups, choreography tracking.
 //
 // # Protocol
 //
