@@ -256,3 +256,30 @@ func checkBarrierArgs(tx sqldb.Tx, sagaID, step string, op BarrierOp,
 	}
 	return nil
 }
+
+// BarrierRefusedTx records in tx that fn refused the side op of a step for
+// a business reason, after BarrierTx returned BarrierApplied for it (fn
+// returned nil, having decided to refuse). The refusal did nothing, and the
+// barrier must not act as if it had:
+//
+//   - a refused action's compensation becomes a no-op: a later compensation
+//     of the step gets BarrierDuplicate, without running (there is nothing
+//     to release, and running it would release what was never reserved);
+//   - a refused compensation is forgotten: a later compensation of the step
+//     (an operator's retry) runs again.
+func (ib *Inbox) BarrierRefusedTx(ctx context.Context, tx sqldb.Tx, sagaID, step string, op BarrierOp) error {
+	var err error
+	switch op {
+	case BarrierAction:
+		_, err = tx.Exec(ctx, `INSERT INTO troupe_barrier (saga_id, step, op, origin, created_at) VALUES ($1, $2, 'compensation', 'action', $3)
+			ON CONFLICT DO NOTHING`, sagaID, step, ib.cfg.Now().UTC())
+	case BarrierCompensation:
+		_, err = tx.Exec(ctx, `DELETE FROM troupe_barrier WHERE saga_id = $1 AND step = $2 AND op = 'compensation'`, sagaID, step)
+	default:
+		return fmt.Errorf("inbox: BarrierRefusedTx: unknown op %d", int(op))
+	}
+	if err != nil {
+		return fmt.Errorf("inbox: record the refusal of %s %s of saga %q: %w", step, op, sagaID, err)
+	}
+	return nil
+}

@@ -414,7 +414,10 @@ func (o *Orchestrator) HandleReplyTx(ctx context.Context, tx sqldb.Tx, m *messag
 		return o.save(ctx, tx, in)
 	}
 	st := def.steps[in.step]
-	if _, err := o.sched.CancelTx(ctx, tx, deadlineID(in.id, in.step, r.Op, in.attempt)); err != nil {
+	// Not CancelTx: a scheduler firing this deadline holds the timer's row
+	// and waits for the saga's, which this transaction holds. It then finds
+	// the command answered and does nothing.
+	if _, err := o.sched.TryCancelTx(ctx, tx, deadlineID(in.id, in.step, r.Op, in.attempt)); err != nil {
 		return err
 	}
 	in.awaiting = ""

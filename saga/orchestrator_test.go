@@ -379,6 +379,13 @@ func TestOrchestrator_CompensatesAStepWhoseDeadlinesAllPassed(t *testing.T) {
 	if in.Reason == "" {
 		t.Fatal("no reason recorded")
 	}
+	if h := s.history("o5"); !slices.Contains(h, "reserve-credit action 0 ignored-reply") {
+		t.Fatalf("history %q: the late action reply must be ignored", h)
+	}
+	var timers int
+	if err := s.orderDB.QueryRow(s.ctx, `SELECT count(*) FROM troupe_timers`).Scan(&timers); err != nil || timers != 0 {
+		t.Fatalf("%d deadline timers left (%v), want 0", timers, err)
+	}
 }
 
 func waitHistory(t *testing.T, s *shop, orderID, entry string) {

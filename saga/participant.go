@@ -35,9 +35,12 @@ type StepFunc func(ctx context.Context, tx sqldb.Tx, cmd *Command) (Reply, error
 //   - the reply, added to the participant's outbox for the command's reply
 //     topic.
 //
-// A repeated command gets no reply of its own: the reply to the first is
-// already in the outbox, and the outbox delivers it. Register the steps
-// with Handle, then subscribe Handler to the command topic.
+// A repeated action gets no reply of its own: the reply to the first, with
+// its data, is already in the outbox, and the outbox delivers it. A
+// repeated compensation is answered success again. A refused action makes
+// its step's compensation a no-op (nothing was reserved), and a refused
+// compensation runs again when retried (inbox.BarrierRefusedTx). Register
+// the steps with Handle, then subscribe Handler to the command topic.
 type Participant struct {
 	ib     *inbox.Inbox
 	source string
@@ -117,8 +120,21 @@ func (p *Participant) HandleTx(ctx context.Context, tx sqldb.Tx, m *message.Mess
 		return err
 	}
 	switch outcome {
+	case inbox.BarrierApplied:
+		if reply.Outcome == Failed {
+			if err := p.ib.BarrierRefusedTx(ctx, tx, cmd.SagaID, cmd.Step, op); err != nil {
+				return err
+			}
+		}
 	case inbox.BarrierDuplicate:
-		return nil // the first time's reply is in the outbox already
+		if cmd.Op == Action {
+			return nil // the first time's reply, with its data, is in the outbox already
+		}
+		// A compensation's barrier row stands for one done, a null one, or
+		// one a refused action made needless: success. Say it again: the
+		// saga may have ignored the first answer while it was parked, and
+		// an operator retries.
+		reply = Success(nil)
 	case inbox.BarrierNullCompensation:
 		reply = Success(nil)
 	case inbox.BarrierRefused:

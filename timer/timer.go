@@ -272,6 +272,22 @@ func (s *Scheduler) CancelTx(ctx context.Context, tx sqldb.Tx, id string) (bool,
 	return n == 1, nil
 }
 
+// TryCancelTx is CancelTx that never waits: a timer that a concurrent
+// transaction holds (a scheduler firing it) is left alone, and TryCancelTx
+// reports false. Use it where the caller already holds a row the timer's
+// handler locks (a saga's deadline): waiting there would deadlock. The
+// handler must then find, once it gets the row, that it has nothing to do.
+func (s *Scheduler) TryCancelTx(ctx context.Context, tx sqldb.Tx, id string) (bool, error) {
+	if tx.Dialect() != sqldb.Postgres {
+		return s.CancelTx(ctx, tx, id) // SQLite: write transactions are serialized
+	}
+	n, err := tx.Exec(ctx, `DELETE FROM troupe_timers WHERE id = (SELECT id FROM troupe_timers WHERE id = $1 FOR UPDATE SKIP LOCKED)`, id)
+	if err != nil {
+		return false, fmt.Errorf("timer: cancel %q: %w", id, err)
+	}
+	return n == 1, nil
+}
+
 // Cancel is CancelTx in a transaction of its own.
 func (s *Scheduler) Cancel(ctx context.Context, id string) (bool, error) {
 	var ok bool
