@@ -3,12 +3,20 @@ package saga_test
 import (
 	"context"
 	"errors"
+	"path/filepath"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
+	"github.com/troupedev/troupe/inbox"
+	"github.com/troupedev/troupe/internal/clocktest"
+	"github.com/troupedev/troupe/internal/pgtest"
+	"github.com/troupedev/troupe/outbox"
 	"github.com/troupedev/troupe/saga"
 	"github.com/troupedev/troupe/sqldb"
+	"github.com/troupedev/troupe/timer"
 )
 
 // A compensation that fails parks the saga with its reason; the operator
@@ -126,5 +134,83 @@ func TestOrchestrator_AnOperatorCanAbortAParkedSaga(t *testing.T) {
 	}
 	if left, _ := o.List(ctx, saga.Parked, 10); len(left) != 0 {
 		t.Fatalf("still parked: %+v", left)
+	}
+}
+
+// A deadline whose handling keeps failing (here the step's Input panics when
+// the command is sent again) parks the saga with the error, instead of
+// leaving it running with no timer once the timer gives up.
+func TestOrchestrator_ADeadlineThatCannotBeHandledParksTheSaga(t *testing.T) {
+	for _, kind := range dialects {
+		t.Run(kind, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			url := "sqlite://" + filepath.Join(t.TempDir(), "owner.db")
+			if kind == "postgres" {
+				url = pgtest.URL(t)
+			}
+			db, err := sqldb.Open(ctx, url, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer db.Close()
+			for _, m := range []func(context.Context, *sqldb.DB) error{saga.Migrate, outbox.Migrate, inbox.Migrate, timer.Migrate} {
+				if err := m(ctx, db); err != nil {
+					t.Fatal(err)
+				}
+			}
+			clock := clocktest.New(time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC))
+			sched, err := timer.New(db, timer.Config{Clock: clock, PollInterval: 10 * time.Millisecond, Backoff: func(int) time.Duration { return time.Second }})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ib, _ := inbox.New(db, inbox.Config{})
+			o, err := saga.New(db, sched, ib, saga.Config{Source: "/services/owner", ReplyTopic: "owner.replies"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var broken atomic.Bool
+			def := &saga.Definition[struct{}]{Name: "ask", Steps: []saga.Step[struct{}]{{
+				Name: "ask", Topic: "other.commands", Command: "other.ask", Deadline: time.Minute, MaxAttempts: 5,
+				Input: func(*struct{}) any {
+					if broken.Load() {
+						panic("input broken")
+					}
+					return nil
+				},
+			}}}
+			if err := o.Register(def); err != nil {
+				t.Fatal(err)
+			}
+			if err := o.Register(def); !errors.Is(err, saga.ErrInvalidDefinition) {
+				t.Fatalf("registering name and version twice: %v, want ErrInvalidDefinition", err)
+			}
+			if err := db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error { return def.StartTx(ctx, tx, o, "s", struct{}{}) }); err != nil {
+				t.Fatal(err)
+			}
+			broken.Store(true)
+			done := make(chan struct{})
+			go func() { defer close(done); _ = sched.Run(ctx) }()
+			defer func() { cancel(); <-done }()
+			clock.Advance(time.Minute)
+			deadline := time.Now().Add(20 * time.Second)
+			for {
+				in, err := o.Get(ctx, "s")
+				if err != nil {
+					t.Fatal(err)
+				}
+				if in.Status == saga.Parked {
+					if !strings.Contains(in.Reason, "input broken") {
+						t.Fatalf("reason %q: want the panic", in.Reason)
+					}
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("saga %s, want parked", in.Status)
+				}
+				clock.Advance(time.Second) // the timer's retry backoff
+				time.Sleep(5 * time.Millisecond)
+			}
+		})
 	}
 }

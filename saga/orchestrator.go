@@ -135,7 +135,8 @@ func New(db *sqldb.DB, sched *timer.Scheduler, ib *inbox.Inbox, cfg Config) (*Or
 
 func defKey(name string, version int) string { return name + "@" + strconv.Itoa(version) }
 
-// Register adds a definition (a *Definition[D] of any D).
+// Register adds a definition (a *Definition[D] of any D). A name and
+// version can be registered once.
 func (o *Orchestrator) Register(def registration) error {
 	d, err := def.erase()
 	if err != nil {
@@ -143,7 +144,11 @@ func (o *Orchestrator) Register(def registration) error {
 	}
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	o.defs[defKey(d.name, d.version)] = d
+	key := defKey(d.name, d.version)
+	if o.defs[key] != nil {
+		return fmt.Errorf("%w %q: version %d is registered already (give a changed definition a new Version)", ErrInvalidDefinition, d.name, d.version)
+	}
+	o.defs[key] = d
 	return nil
 }
 
@@ -455,10 +460,54 @@ func (o *Orchestrator) HandleReplyTx(ctx context.Context, tx sqldb.Tx, m *messag
 	return o.advance(ctx, tx, def, in)
 }
 
-// onDeadline handles a command's deadline: the command is sent again, or,
+// deadlineFailuresBeforeParking is how many times handling one deadline may
+// fail (an unregistered definition version, a step's Input that panics, the
+// database refusing) before the saga is parked instead: a saga whose
+// deadline timer gave up would otherwise wait forever.
+const deadlineFailuresBeforeParking = 3
+
+// onDeadline handles a deadline timer (see deadline); when that fails for
+// the deadlineFailuresBeforeParking-th time, it parks the saga with the
+// error as the reason.
+func (o *Orchestrator) onDeadline(ctx context.Context, tx sqldb.Tx, f *timer.Fired) error {
+	if _, err := tx.Exec(ctx, "SAVEPOINT troupe_saga_deadline"); err != nil {
+		return err
+	}
+	err := func() (err error) {
+		defer func() {
+			if r := recover(); r != nil {
+				err = fmt.Errorf("panic: %v", r)
+			}
+		}()
+		return o.deadline(ctx, tx, f)
+	}()
+	if err == nil {
+		_, err = tx.Exec(ctx, "RELEASE SAVEPOINT troupe_saga_deadline")
+		return err
+	}
+	if f.Attempt < deadlineFailuresBeforeParking {
+		return err
+	}
+	if _, rerr := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT troupe_saga_deadline"); rerr != nil {
+		return errors.Join(err, rerr)
+	}
+	in, lerr := o.load(ctx, tx, f.Msg.Extensions[ExtSagaID])
+	if lerr != nil {
+		return errors.Join(err, lerr)
+	}
+	reason := fmt.Sprintf("handling the deadline of step %q failed %d times: %v", f.Msg.Extensions[ExtStep], f.Attempt, err)
+	in.status, in.reason, in.awaiting = Parked, reason, ""
+	o.log.Error("saga: parked for an operator", "saga", in.id, "reason", reason)
+	if rerr := o.record(ctx, tx, in, f.Msg.Extensions[ExtStep], f.Msg.Extensions[ExtOp], 0, "failed", err.Error()); rerr != nil {
+		return errors.Join(err, rerr)
+	}
+	return o.save(ctx, tx, in)
+}
+
+// deadline handles a command's deadline: the command is sent again, or,
 // after the last attempt, the action counts as failed (compensate) or the
 // compensation parks the saga.
-func (o *Orchestrator) onDeadline(ctx context.Context, tx sqldb.Tx, f *timer.Fired) error {
+func (o *Orchestrator) deadline(ctx context.Context, tx sqldb.Tx, f *timer.Fired) error {
 	m := f.Msg
 	id, stepName := m.Extensions[ExtSagaID], m.Extensions[ExtStep]
 	op, _ := parseOp(m.Extensions[ExtOp])
