@@ -158,6 +158,9 @@ func (ib *Inbox) handleBatch(ctx context.Context, consumer string, h HandlerFunc
 		}
 		return
 	}
+	if ib.cfg.AfterCommit != nil && slices.Contains(outcomes, handled) {
+		ib.cfg.AfterCommit()
+	}
 	for i, d := range batch {
 		switch outcomes[i] {
 		case handled, duplicate:

@@ -79,6 +79,12 @@ type Config struct {
 	// Logger receives handler errors and panics, and pruning failures.
 	// Default: discard.
 	Logger *slog.Logger
+
+	// AfterCommit, when set, is called after each batch transaction of
+	// Handler that handled at least one message has committed. Set it to
+	// the outbox relay's Notify, so that the messages handlers wrote leave
+	// at once instead of at the relay's next poll. It must not block.
+	AfterCommit func()
 }
 
 func (cfg Config) withDefaults() Config {

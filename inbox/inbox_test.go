@@ -740,3 +740,29 @@ func TestPermanent_IsMatchedAndKeepsTheCause(t *testing.T) {
 		t.Error("Permanent(nil) is not nil")
 	}
 }
+
+// AfterCommit runs once per committed batch that handled something, after
+// the commit (its effects are visible), and not for a batch of duplicates
+// only or one that rolled back.
+func TestHandler_AfterCommitRunsOncePerCommittedBatchThatHandledSomething(t *testing.T) {
+	forEachDB(t, func(t *testing.T, db testDB) {
+		ctx := context.Background()
+		var seen []int
+		ib := newInbox(t, db.DB, inbox.Config{AfterCommit: func() { seen = append(seen, len(effects(t, db.DB))) }})
+		fail := false
+		h := ib.Handler("billing", func(ctx context.Context, tx sqldb.Tx, m *message.Message) error {
+			if fail {
+				return errors.New("down")
+			}
+			return applyEffect(ctx, tx, "billing", m)
+		})
+		msgs := newMessages(3)
+		h(ctx, deliveries(1, msgs...))
+		h(ctx, deliveries(2, msgs...)) // duplicates only
+		fail = true
+		h(ctx, deliveries(1, newMessages(1)...)) // rolled back
+		if len(seen) != 1 || seen[0] != 3 {
+			t.Fatalf("AfterCommit saw %v (effects visible at each call), want one call seeing 3", seen)
+		}
+	})
+}
