@@ -25,6 +25,17 @@
 // sagas (List), reads their history (History), and retries (RetryTx) or
 // aborts (AbortTx) them.
 //
+// # Wiring a service
+//
+// The owning service runs, on its database: an outbox relay (its commands
+// leave through it), a timer scheduler (deadlines), an inbox, and the
+// orchestrator, whose Handler is subscribed to its ReplyTopic. For low
+// latency, wake the relay after every commit that wrote commands: set the
+// inbox's Config.AfterCommit and the scheduler's Config.OnFired to the
+// relay's Notify, and call Notify after the transaction that ran StartTx.
+// A participant service runs an outbox relay and an inbox, with its
+// Participant's Handler subscribed to its command topic.
+//
 // Not yet here (see the project's issues): steps over HTTP, parallel
 // groups, choreography tracking.
 //
