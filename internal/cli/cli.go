@@ -83,7 +83,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 
 func benchmarks() map[string]bench.Benchmark {
 	m := map[string]bench.Benchmark{}
-	for _, b := range []bench.Benchmark{bench.Broker(), bench.Commit(), bench.Outbox(), bench.Inbox(), bench.Timer(bench.TimerOptions{})} {
+	for _, b := range []bench.Benchmark{bench.Broker(), bench.Commit(), bench.Outbox(), bench.Inbox(), bench.Saga(), bench.Timer(bench.TimerOptions{})} {
 		m[b.Name] = b
 	}
 	return m
