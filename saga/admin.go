@@ -90,7 +90,7 @@ func (o *Orchestrator) RetryTx(ctx context.Context, tx sqldb.Tx, id string) erro
 		return err
 	}
 	in.status, in.awaiting = Compensating, ""
-	if err := o.record(ctx, tx, in, "", "", 0, "parked-retried", in.reason); err != nil {
+	if err := o.record(in, "", "", 0, "parked-retried", in.reason); err != nil {
 		return err
 	}
 	return o.advance(ctx, tx, def, in)
@@ -105,7 +105,7 @@ func (o *Orchestrator) AbortTx(ctx context.Context, tx sqldb.Tx, id, reason stri
 	}
 	in.status = Aborted
 	in.reason = in.reason + "; aborted: " + reason
-	if err := o.record(ctx, tx, in, "", "", 0, "aborted", reason); err != nil {
+	if err := o.record(in, "", "", 0, "aborted", reason); err != nil {
 		return err
 	}
 	return o.save(ctx, tx, in)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -179,6 +180,7 @@ type instance struct {
 	data       []byte
 	reason     string
 	historySeq int
+	pending    []any // history rows recorded, not yet written: 8 values each
 	created    time.Time
 }
 
@@ -197,7 +199,7 @@ func (o *Orchestrator) startTx(ctx context.Context, tx sqldb.Tx, name string, ve
 		return fmt.Errorf("%w: %q", ErrExists, id)
 	}
 	in := &instance{id: id, name: name, version: version, status: Running, data: data, created: now}
-	if err := o.record(ctx, tx, in, "", "", 0, "started", ""); err != nil {
+	if err := o.record(in, "", "", 0, "started", ""); err != nil {
 		return err
 	}
 	return o.advance(ctx, tx, def, in)
@@ -219,8 +221,30 @@ func (o *Orchestrator) load(ctx context.Context, tx sqldb.Tx, id string) (*insta
 	return in, nil
 }
 
-// save writes back a saga's row.
+// save writes the history recorded since the last save, in one statement,
+// and the saga's row.
 func (o *Orchestrator) save(ctx context.Context, tx sqldb.Tx, in *instance) error {
+	if n := len(in.pending) / 8; n > 0 {
+		var b strings.Builder
+		b.WriteString(`INSERT INTO troupe_saga_history (saga_id, seq, step, op, attempt, event, detail, at) VALUES `)
+		for i := range n {
+			if i > 0 {
+				b.WriteString(", ")
+			}
+			b.WriteByte('(')
+			for c := range 8 {
+				if c > 0 {
+					b.WriteString(", ")
+				}
+				b.WriteString("$" + strconv.Itoa(i*8+c+1))
+			}
+			b.WriteByte(')')
+		}
+		if _, err := tx.Exec(ctx, b.String(), in.pending...); err != nil {
+			return fmt.Errorf("saga: record history of %q: %w", in.id, err)
+		}
+		in.pending = in.pending[:0]
+	}
 	_, err := tx.Exec(ctx, `UPDATE troupe_sagas SET status = $1, step = $2, awaiting = $3, attempt = $4, data = $5, reason = $6,
 		history_seq = $7, updated_at = $8 WHERE id = $9`,
 		string(in.status), in.step, in.awaiting, in.attempt, in.data, in.reason, in.historySeq, o.cfg.Now().UTC(), in.id)
@@ -230,14 +254,11 @@ func (o *Orchestrator) save(ctx context.Context, tx sqldb.Tx, in *instance) erro
 	return nil
 }
 
-// record appends a history entry.
-func (o *Orchestrator) record(ctx context.Context, tx sqldb.Tx, in *instance, step, op string, attempt int, event, detail string) error {
+// record adds a history entry, written by the next save (every transition
+// ends with one).
+func (o *Orchestrator) record(in *instance, step, op string, attempt int, event, detail string) error {
 	in.historySeq++
-	_, err := tx.Exec(ctx, `INSERT INTO troupe_saga_history (saga_id, seq, step, op, attempt, event, detail, at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)`,
-		in.id, in.historySeq, step, op, attempt, event, detail, o.cfg.Now().UTC())
-	if err != nil {
-		return fmt.Errorf("saga: record history of %q: %w", in.id, err)
-	}
+	in.pending = append(in.pending, in.id, in.historySeq, step, op, attempt, event, detail, o.cfg.Now().UTC())
 	return nil
 }
 
@@ -254,7 +275,7 @@ func (o *Orchestrator) advance(ctx context.Context, tx sqldb.Tx, def *definition
 					}
 				}
 				in.status = Completed
-				if err := o.record(ctx, tx, in, "", "", 0, "completed", ""); err != nil {
+				if err := o.record(in, "", "", 0, "completed", ""); err != nil {
 					return err
 				}
 				return o.save(ctx, tx, in)
@@ -268,14 +289,14 @@ func (o *Orchestrator) advance(ctx context.Context, tx sqldb.Tx, def *definition
 				return err
 			}
 			if refused != nil {
-				if err := o.record(ctx, tx, in, st.name, Action.String(), 1, "refused", refused.Error()); err != nil {
+				if err := o.record(in, st.name, Action.String(), 1, "refused", refused.Error()); err != nil {
 					return err
 				}
 				o.startCompensating(in, refused.Error())
 				continue
 			}
 			in.data = data
-			if err := o.record(ctx, tx, in, st.name, Action.String(), 1, "done", ""); err != nil {
+			if err := o.record(in, st.name, Action.String(), 1, "done", ""); err != nil {
 				return err
 			}
 			in.step++
@@ -287,7 +308,7 @@ func (o *Orchestrator) advance(ctx context.Context, tx sqldb.Tx, def *definition
 					}
 				}
 				in.status = Compensated
-				if err := o.record(ctx, tx, in, "", "", 0, "compensated", in.reason); err != nil {
+				if err := o.record(in, "", "", 0, "compensated", in.reason); err != nil {
 					return err
 				}
 				return o.save(ctx, tx, in)
@@ -306,14 +327,14 @@ func (o *Orchestrator) advance(ctx context.Context, tx sqldb.Tx, def *definition
 					// the saga waits for an operator (RetryTx, AbortTx).
 					in.status, in.reason = Parked, fmt.Sprintf("compensation of step %q failed: %v", st.name, failed)
 					o.log.Error("saga: parked for an operator", "saga", in.id, "reason", in.reason)
-					if err := o.record(ctx, tx, in, st.name, Compensation.String(), 1, "failed", failed.Error()); err != nil {
+					if err := o.record(in, st.name, Compensation.String(), 1, "failed", failed.Error()); err != nil {
 						return err
 					}
 					return o.save(ctx, tx, in)
 				}
 				in.data = data
 			}
-			if err := o.record(ctx, tx, in, st.name, Compensation.String(), 1, "done", ""); err != nil {
+			if err := o.record(in, st.name, Compensation.String(), 1, "done", ""); err != nil {
 				return err
 			}
 			in.step--
@@ -386,7 +407,7 @@ func (o *Orchestrator) send(ctx context.Context, tx sqldb.Tx, def *definition, i
 		return err
 	}
 	in.awaiting, in.attempt = op.String(), attempt
-	if err := o.record(ctx, tx, in, st.name, op.String(), attempt, "sent", cmd.ID); err != nil {
+	if err := o.record(in, st.name, op.String(), attempt, "sent", cmd.ID); err != nil {
 		return err
 	}
 	return o.save(ctx, tx, in)
@@ -413,7 +434,7 @@ func (o *Orchestrator) HandleReplyTx(ctx context.Context, tx sqldb.Tx, m *messag
 	}
 	if in.awaiting != r.Op.String() || in.step < 0 || in.step >= len(def.steps) || def.steps[in.step].name != r.Step {
 		o.log.Info("saga: ignoring a reply the saga does not await", "saga", in.id, "step", r.Step, "op", r.Op, "status", in.status)
-		if err := o.record(ctx, tx, in, r.Step, r.Op.String(), 0, "ignored-reply", r.Outcome.String()); err != nil {
+		if err := o.record(in, r.Step, r.Op.String(), 0, "ignored-reply", r.Outcome.String()); err != nil {
 			return err
 		}
 		return o.save(ctx, tx, in)
@@ -435,23 +456,23 @@ func (o *Orchestrator) HandleReplyTx(ctx context.Context, tx sqldb.Tx, m *messag
 			}
 			in.data = data
 		}
-		if err := o.record(ctx, tx, in, st.name, r.Op.String(), in.attempt, "done", ""); err != nil {
+		if err := o.record(in, st.name, r.Op.String(), in.attempt, "done", ""); err != nil {
 			return err
 		}
 		in.step, in.attempt = in.step+1, 0
 	case r.Op == Action:
-		if err := o.record(ctx, tx, in, st.name, r.Op.String(), in.attempt, "refused", r.Reason); err != nil {
+		if err := o.record(in, st.name, r.Op.String(), in.attempt, "refused", r.Reason); err != nil {
 			return err
 		}
 		o.startCompensating(in, r.Reason)
 	case r.Outcome == Succeeded:
-		if err := o.record(ctx, tx, in, st.name, r.Op.String(), in.attempt, "done", ""); err != nil {
+		if err := o.record(in, st.name, r.Op.String(), in.attempt, "done", ""); err != nil {
 			return err
 		}
 		in.step, in.attempt = in.step-1, 0
 	default:
 		reason := fmt.Sprintf("compensation of step %q refused: %s", st.name, r.Reason)
-		if err := o.record(ctx, tx, in, st.name, r.Op.String(), in.attempt, "refused", r.Reason); err != nil {
+		if err := o.record(in, st.name, r.Op.String(), in.attempt, "refused", r.Reason); err != nil {
 			return err
 		}
 		in.status, in.reason = Parked, reason
@@ -498,7 +519,7 @@ func (o *Orchestrator) onDeadline(ctx context.Context, tx sqldb.Tx, f *timer.Fir
 	reason := fmt.Sprintf("handling the deadline of step %q failed %d times: %v", f.Msg.Extensions[ExtStep], f.Attempt, err)
 	in.status, in.reason, in.awaiting = Parked, reason, ""
 	o.log.Error("saga: parked for an operator", "saga", in.id, "reason", reason)
-	if rerr := o.record(ctx, tx, in, f.Msg.Extensions[ExtStep], f.Msg.Extensions[ExtOp], 0, "failed", err.Error()); rerr != nil {
+	if rerr := o.record(in, f.Msg.Extensions[ExtStep], f.Msg.Extensions[ExtOp], 0, "failed", err.Error()); rerr != nil {
 		return errors.Join(err, rerr)
 	}
 	return o.save(ctx, tx, in)
@@ -527,7 +548,7 @@ func (o *Orchestrator) deadline(ctx context.Context, tx sqldb.Tx, f *timer.Fired
 		return nil // answered meanwhile
 	}
 	st := def.steps[in.step]
-	if err := o.record(ctx, tx, in, st.name, op.String(), attempt, "deadline", st.deadline.String()); err != nil {
+	if err := o.record(in, st.name, op.String(), attempt, "deadline", st.deadline.String()); err != nil {
 		return err
 	}
 	if attempt < st.maxAttempts {
