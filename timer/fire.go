@@ -56,16 +56,8 @@ func (s *Scheduler) fireLoop(ctx context.Context) {
 		now := clock.Now()
 		fired, full, err := s.fireDue(ctx, now)
 		if err != nil {
-			if ctx.Err() != nil {
-				return
-			}
 			failures++
-			b := s.loopBackoff(failures)
-			s.log.Warn("timer: firing round failed; backing off", "err", err, "failures", failures, "backoff", b)
-			select {
-			case <-ctx.Done():
-			case <-time.After(b): // real time: the database recovers on its own schedule, not the injected clock's
-			}
+			s.backOff(ctx, "firing round", err, failures)
 			continue
 		}
 		failures = 0
@@ -75,37 +67,9 @@ func (s *Scheduler) fireLoop(ctx context.Context) {
 		if full {
 			continue
 		}
-		wait := s.cfg.PollInterval
-		var tick, idle <-chan time.Time
-		next, ok, err := s.nextDue(ctx, false)
-		from := clock.Now()
-		switch {
-		case err != nil:
-			if ctx.Err() == nil {
-				s.log.Warn("timer: reading the next due time failed", "err", err)
-			}
-		case ok && !next.After(now):
-			// Due when this round began, yet not fired by it: scheduled
-			// meanwhile, or held by another scheduler's transaction.
-			if len(fired) > 0 {
-				continue
-			}
-			// Wait for that transaction briefly, in real time: what ends
-			// it is the other scheduler's work, not the passing of time.
-			idle = time.After(idleWait)
-		case ok:
-			wait = min(wait, next.Sub(from))
-		}
-		if idle == nil {
-			if wait <= 0 {
-				continue // fell due while this round ran
-			}
-			tick = clock.After(wait)
-			// A clock that moved between from and After (a test's fake
-			// clock) would end the wait late: go on at once if it is over.
-			if clock.Now().Sub(from) >= wait {
-				continue
-			}
+		tick, idle, again := s.planWait(ctx, false, now, len(fired) > 0)
+		if again {
+			continue
 		}
 		select {
 		case <-ctx.Done():
@@ -118,12 +82,65 @@ func (s *Scheduler) fireLoop(ctx context.Context) {
 
 // loopBackoff is the wait after n failed rounds in a row: 100 ms doubling to
 // 10 s.
-func (s *Scheduler) loopBackoff(n int) time.Duration {
+func loopBackoff(n int) time.Duration {
 	d := 100 * time.Millisecond
 	for i := 1; i < n && d < 10*time.Second; i++ {
 		d *= 2
 	}
 	return min(d, 10*time.Second)
+}
+
+// backOff logs a loop's failed round (the n-th in a row) and waits
+// loopBackoff(n) in real time: the database recovers on its own schedule,
+// not the injected clock's.
+func (s *Scheduler) backOff(ctx context.Context, what string, err error, n int) {
+	if ctx.Err() != nil {
+		return
+	}
+	d := loopBackoff(n)
+	s.log.Warn("timer: "+what+" failed; backing off", "err", err, "failures", n, "backoff", d)
+	select {
+	case <-ctx.Done():
+	case <-time.After(d):
+	}
+}
+
+// planWait decides how a loop waits after a round that looked at the
+// timers due at now (HTTP tasks, or the in-transaction kinds): until the
+// next due time or PollInterval on the injected clock (tick), or briefly in
+// real time when due timers are held by another scheduler's transaction
+// (idle), whose work, not the passing of time, frees them. again means go
+// round at once: something fell due meanwhile, or the round made progress
+// with more due, or a clock that moved between the reading and After (a
+// test's fake clock) has already passed the wait.
+func (s *Scheduler) planWait(ctx context.Context, http bool, now time.Time, progressed bool) (tick, idle <-chan time.Time, again bool) {
+	clock := s.cfg.Clock
+	wait := s.cfg.PollInterval
+	next, ok, err := s.nextDue(ctx, http)
+	from := clock.Now()
+	switch {
+	case err != nil:
+		if ctx.Err() == nil {
+			s.log.Warn("timer: reading the next due time failed", "err", err, "http", http)
+		}
+	case ok && !next.After(now):
+		// Due when the round began, yet not taken by it: scheduled
+		// meanwhile (progressed rounds go again), or held elsewhere.
+		if progressed {
+			return nil, nil, true
+		}
+		return nil, time.After(idleWait), false
+	case ok:
+		wait = min(wait, next.Sub(from))
+	}
+	if wait <= 0 {
+		return nil, nil, true // it fell due after the round looked
+	}
+	tick = clock.After(wait)
+	if clock.Now().Sub(from) >= wait {
+		return nil, nil, true
+	}
+	return tick, nil, false
 }
 
 // nextDue returns the due time of the earliest pending timer this scheduler
@@ -276,7 +293,11 @@ func (s *Scheduler) claimDue(ctx context.Context, tx sqldb.Tx, now time.Time, li
 	if tx.Dialect() == sqldb.Postgres {
 		q += ` FOR UPDATE SKIP LOCKED`
 	}
-	args := append([]any{now, limit}, fargs...)
+	return readDue(ctx, tx, q, append([]any{now, limit}, fargs...)...)
+}
+
+// readDue runs q, which selects due timers' columns in dueRow's order.
+func readDue(ctx context.Context, tx sqldb.Tx, q string, args ...any) ([]dueRow, error) {
 	rs, err := tx.Query(ctx, q, args...)
 	if err != nil {
 		return nil, fmt.Errorf("read due timers: %w", err)

@@ -156,16 +156,8 @@ func (s *Scheduler) httpLoop(ctx context.Context) {
 		now := clock.Now()
 		tasks, err := s.claimHTTP(ctx, now, free)
 		if err != nil {
-			if ctx.Err() != nil {
-				return
-			}
 			failures++
-			b := s.loopBackoff(failures)
-			s.log.Warn("timer: claiming HTTP tasks failed; backing off", "err", err, "failures", failures, "backoff", b)
-			select {
-			case <-ctx.Done():
-			case <-time.After(b): // real time: the database recovers on its own schedule, not the injected clock's
-			}
+			s.backOff(ctx, "claiming HTTP tasks", err, failures)
 			continue
 		}
 		failures = 0
@@ -185,33 +177,11 @@ func (s *Scheduler) httpLoop(ctx context.Context) {
 		if len(tasks) == free {
 			continue // more may be due
 		}
-		wait := s.cfg.PollInterval
-		var tick, idle <-chan time.Time
-		next, ok, err := s.nextDue(ctx, true)
-		from := clock.Now()
-		switch {
-		case err != nil:
-			if ctx.Err() == nil {
-				s.log.Warn("timer: reading the next HTTP task's due time failed", "err", err)
-			}
-		case ok && !next.After(now):
-			// Due when this round looked, yet not claimed: another
-			// scheduler's claim holds it. Wait briefly, in real time: what
-			// ends that is the other scheduler's work, not time passing.
-			idle = time.After(idleWait)
-		case ok:
-			wait = min(wait, next.Sub(from))
-		}
-		if idle == nil {
-			if wait <= 0 {
-				continue // it fell due after this round looked
-			}
-			tick = clock.After(wait)
-			// A clock moved between from and After (a test's fake clock)
-			// would end the wait late: go on at once if it is over.
-			if clock.Now().Sub(from) >= wait {
-				continue
-			}
+		// Fewer claimed than were free: any task due at now and not
+		// claimed is held by another scheduler.
+		tick, idle, again := s.planWait(ctx, true, now, false)
+		if again {
+			continue
 		}
 		select {
 		case <-ctx.Done():
@@ -224,10 +194,11 @@ func (s *Scheduler) httpLoop(ctx context.Context) {
 }
 
 // claimHTTP leases up to n due HTTP tasks: each one's due time moves to
-// now + LeaseTTL and its attempt count goes up by one, in one transaction.
-// The attempt count fences the lease: if the holder dies and another
-// scheduler claims the task after the lease, the first holder's late
-// outcome no longer matches and is ignored.
+// now + LeaseTTL, its attempt count goes up by one, and it gets a new claim
+// token, in one transaction. The token fences the lease: if the holder dies
+// and another scheduler claims the task after the lease (or the task is
+// cancelled and scheduled anew), the first holder's late outcome no longer
+// matches and is ignored.
 func (s *Scheduler) claimHTTP(ctx context.Context, now time.Time, n int) ([]claimedTask, error) {
 	now = now.UTC()
 	var out []claimedTask
@@ -238,23 +209,9 @@ func (s *Scheduler) claimHTTP(ctx context.Context, now time.Time, n int) ([]clai
 		if tx.Dialect() == sqldb.Postgres {
 			q += ` FOR UPDATE SKIP LOCKED`
 		}
-		rs, err := tx.Query(ctx, q, now, n)
+		rows, err := readDue(ctx, tx, q, now, n)
 		if err != nil {
-			return fmt.Errorf("read due HTTP tasks: %w", err)
-		}
-		var rows []dueRow
-		for rs.Next() {
-			var r dueRow
-			var kind int
-			if err := rs.Scan(&r.id, &kind, &r.target, &r.due, &r.payload, &r.schedule, &r.attempts); err != nil {
-				rs.Close()
-				return fmt.Errorf("read due HTTP tasks: %w", err)
-			}
-			r.kind = Kind(kind)
-			rows = append(rows, r)
-		}
-		if err := rs.Close(); err != nil {
-			return fmt.Errorf("read due HTTP tasks: %w", err)
+			return err
 		}
 		if len(rows) == 0 {
 			return nil
@@ -353,7 +310,7 @@ func (s *Scheduler) runTask(ctx context.Context, c claimedTask) {
 		if err == nil {
 			break
 		}
-		b := s.loopBackoff(tries)
+		b := loopBackoff(tries)
 		if ctx.Err() != nil || !s.cfg.Clock.Now().Add(b).Before(c.leaseEnd) {
 			s.log.Warn("timer: recording an HTTP task's outcome failed; it runs again after its lease", "id", c.row.id, "attempt", attempt, "call_err", callErr, "err", err)
 			return
