@@ -1,0 +1,134 @@
+// Package faulty wraps a broker so that it misbehaves the way real ones do
+// under failures: it publishes some messages twice (a producer's retry after
+// a lost acknowledgement), holds some copies back to publish them with a
+// later call (a delayed redelivery), and shuffles each call's messages
+// (reordering across a topic's subjects). Tests, the demo and chaos runs
+// use it to show that consumers built on the inbox have every effect once.
+//
+// A duplicate keeps its original's id and source, as a retried publish
+// does: it is the same message, twice.
+package faulty
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+
+	"github.com/troupedev/troupe/broker"
+	"github.com/troupedev/troupe/message"
+)
+
+// Config says how often to misbehave.
+type Config struct {
+	// Duplicate is the share (0..1) of messages published twice.
+	Duplicate float64
+	// Delay is the share (0..1) of those duplicates held back and
+	// published with the next Publish call to the same topic (or by
+	// Flush), instead of right after their original.
+	Delay float64
+	// Reorder shuffles the messages of each Publish call.
+	Reorder bool
+	// Seed makes a run repeatable. Default 1.
+	Seed uint64
+}
+
+// Stats counts what the broker did.
+type Stats struct {
+	// Published counts messages handed to the wrapped broker, copies
+	// included.
+	Published int
+	// Duplicated counts the copies made; Delayed those of them held back.
+	Duplicated, Delayed int
+}
+
+// Broker is a broker.Broker that misbehaves as its Config says.
+type Broker struct {
+	broker.Broker
+	cfg Config
+
+	mu    sync.Mutex
+	rng   *rand.Rand
+	held  map[string][]*message.Message
+	stats Stats
+}
+
+// Wrap returns b misbehaving as cfg says. Subscriptions pass through.
+func Wrap(b broker.Broker, cfg Config) (*Broker, error) {
+	if b == nil {
+		return nil, errors.New("faulty: Wrap needs a broker")
+	}
+	if cfg.Duplicate < 0 || cfg.Duplicate > 1 || cfg.Delay < 0 || cfg.Delay > 1 {
+		return nil, fmt.Errorf("faulty: Duplicate %v and Delay %v must be within 0..1", cfg.Duplicate, cfg.Delay)
+	}
+	if cfg.Seed == 0 {
+		cfg.Seed = 1
+	}
+	return &Broker{Broker: b, cfg: cfg, rng: rand.New(rand.NewPCG(cfg.Seed, ^cfg.Seed)), held: map[string][]*message.Message{}}, nil
+}
+
+// Publish publishes msgs to topic with the faults applied: copies of some,
+// the held-back copies of earlier calls, in shuffled order. When the
+// wrapped broker fails, the held-back copies it was given are held again.
+func (b *Broker) Publish(ctx context.Context, topic string, msgs ...*message.Message) error {
+	b.mu.Lock()
+	taken := b.held[topic]
+	out := append(make([]*message.Message, 0, len(msgs)+len(taken)), taken...)
+	delete(b.held, topic)
+	for _, m := range msgs {
+		out = append(out, m)
+		if b.rng.Float64() >= b.cfg.Duplicate {
+			continue
+		}
+		b.stats.Duplicated++
+		if b.rng.Float64() < b.cfg.Delay {
+			b.stats.Delayed++
+			b.held[topic] = append(b.held[topic], m.Clone())
+			continue
+		}
+		out = append(out, m.Clone())
+	}
+	if b.cfg.Reorder {
+		b.rng.Shuffle(len(out), func(i, j int) { out[i], out[j] = out[j], out[i] })
+	}
+	b.mu.Unlock()
+	err := b.Broker.Publish(ctx, topic, out...)
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if err != nil {
+		// Whether they went out is unknown: hold the delayed copies
+		// again (one duplicate more does no harm here). The caller
+		// publishes the originals again.
+		b.held[topic] = append(taken, b.held[topic]...)
+		return err
+	}
+	b.stats.Published += len(out)
+	return nil
+}
+
+// Flush publishes every held-back copy.
+func (b *Broker) Flush(ctx context.Context) error {
+	b.mu.Lock()
+	held := b.held
+	b.held = map[string][]*message.Message{}
+	b.mu.Unlock()
+	var errs []error
+	for topic, msgs := range held {
+		if err := b.Broker.Publish(ctx, topic, msgs...); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		b.mu.Lock()
+		b.stats.Published += len(msgs)
+		b.mu.Unlock()
+	}
+	return errors.Join(errs...)
+}
+
+// Stats returns what the broker did so far.
+func (b *Broker) Stats() Stats {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.stats
+}

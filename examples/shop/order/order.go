@@ -1,0 +1,566 @@
+// Package order is the Order service of the online shop. It takes orders
+// (POST /orders), creates each PENDING, and runs the CreateOrder business
+// transaction with the Customer service, which reserves the order's total
+// against the customer's credit limit:
+//
+//   - Orchestrated (the default): the CreateOrder saga, a persistent state
+//     machine in this service's database, sends ReserveCredit to the
+//     Customer service, then runs its local "approve" step; the order ends
+//     APPROVED, REJECTED (credit refused) or CANCELLED (the customer
+//     cancelled while the saga ran: the reserved credit is released by the
+//     saga's compensation).
+//   - Choreographed: the service publishes OrderCreated; the Customer
+//     service reacts and publishes CreditReserved or CreditLimitExceeded;
+//     this service reacts to those, and publishes OrderCancelled when the
+//     customer cancelled meanwhile, to which the Customer service reacts by
+//     releasing the credit. No state machine: the business transaction is
+//     the chain of events, tied by the order id as correlation id.
+//
+// Either way every change of an order and the messages it causes commit in
+// one local transaction (the outbox), every message is handled once (the
+// inbox), and the outcome events (approved, rejected, cancelled) are
+// published for other services, such as an order history view.
+package order
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/troupedev/troupe/broker"
+	"github.com/troupedev/troupe/examples/shop/customer"
+	"github.com/troupedev/troupe/examples/shop/internal/background"
+	"github.com/troupedev/troupe/inbox"
+	"github.com/troupedev/troupe/message"
+	"github.com/troupedev/troupe/outbox"
+	"github.com/troupedev/troupe/saga"
+	"github.com/troupedev/troupe/sqldb"
+	"github.com/troupedev/troupe/timer"
+)
+
+// Wire names: topics, message types and the saga's name. They are part of
+// the service's contract and never change.
+const (
+	// Source is the service's CloudEvents source.
+	Source = "/shop/order"
+	// EventTopic carries the service's events.
+	EventTopic = customer.OrderEventTopic
+	// ReplyTopic receives the saga's replies.
+	ReplyTopic = "shop.order.replies"
+	// EventCreated starts the choreographed flow (data:
+	// customer.Reservation). The orchestrated flow does not publish it.
+	EventCreated = customer.OrderCreated
+	// EventApproved announces an approved order (data: Event).
+	EventApproved = "shop.order.approved"
+	// EventRejected announces a rejected order (data: Event).
+	EventRejected = "shop.order.rejected"
+	// EventCancelled announces an order cancelled after its credit was
+	// reserved (data: Event, which is also a customer.Reservation: the
+	// choreographed Customer service releases the credit).
+	EventCancelled = customer.OrderCancelled
+	// SagaName names the orchestrated CreateOrder saga.
+	SagaName = "shop.create-order"
+)
+
+// Mode is how the service runs the CreateOrder business transaction.
+type Mode string
+
+// The modes.
+const (
+	Orchestrated  Mode = "orchestrated"
+	Choreographed Mode = "choreographed"
+)
+
+// ParseMode returns the mode named s.
+func ParseMode(s string) (Mode, error) {
+	switch m := Mode(s); m {
+	case Orchestrated, Choreographed:
+		return m, nil
+	}
+	return "", fmt.Errorf("order: unknown mode %q (want %q or %q)", s, Orchestrated, Choreographed)
+}
+
+// State is an order's state. Its values are stored and shown by the API.
+type State string
+
+// The states: PENDING until the business transaction ends.
+const (
+	Pending   State = "PENDING"
+	Approved  State = "APPROVED"
+	Rejected  State = "REJECTED"
+	Cancelled State = "CANCELLED"
+)
+
+// Ended reports whether s is final.
+func (s State) Ended() bool { return s == Approved || s == Rejected || s == Cancelled }
+
+// Item is a line of an order.
+type Item struct {
+	SKU       string `json:"sku"`
+	Quantity  int64  `json:"quantity"`
+	UnitPrice int64  `json:"unit_price"` // in cents
+}
+
+// Order is an order as stored.
+type Order struct {
+	ID         string    `json:"id"`
+	CustomerID string    `json:"customer_id"`
+	Items      []Item    `json:"items"`
+	Total      int64     `json:"total"` // in cents
+	State      State     `json:"state"`
+	Reason     string    `json:"reason,omitempty"`
+	Mode       Mode      `json:"mode"`
+	Cancel     bool      `json:"cancel_requested,omitempty"`
+	CreatedAt  time.Time `json:"created_at"`
+	UpdatedAt  time.Time `json:"updated_at"`
+}
+
+// Event is the data of the outcome events.
+type Event struct {
+	OrderID    string `json:"order_id"`
+	CustomerID string `json:"customer_id"`
+	Amount     int64  `json:"amount"`
+	Reason     string `json:"reason,omitempty"`
+}
+
+// Errors callers test with errors.Is.
+var (
+	// ErrNotFound: no order has this id.
+	ErrNotFound = errors.New("order: not found")
+	// ErrNotCancellable: the order has ended already.
+	ErrNotCancellable = errors.New("order: only a pending order can be cancelled")
+	// errCancelled is the approve step's refusal.
+	errCancelled = errors.New("cancelled by the customer")
+)
+
+// Config configures the service.
+type Config struct {
+	// Mode is how new orders run. Replies and events of the other mode are
+	// still handled, so orders placed before a restart in another mode
+	// finish. Default Orchestrated.
+	Mode Mode
+	// Deadline is how long the saga awaits the Customer service's reply
+	// before sending the command again. Default 10s.
+	Deadline time.Duration
+	// MaxAttempts is how many times the saga sends a command before it
+	// gives up (and compensates). Default 3.
+	MaxAttempts int
+	// Clock drives the saga's deadlines. Default: the system clock.
+	Clock timer.Clock
+	// Logger receives the service's errors. Default: discard.
+	Logger *slog.Logger
+}
+
+// Service is the Order service on its database.
+type Service struct {
+	db  *sqldb.DB
+	b   broker.Broker
+	cfg Config
+
+	relay *outbox.Relay
+	sched *timer.Scheduler
+	ib    *inbox.Inbox
+	orch  *saga.Orchestrator
+	def   *saga.Definition[sagaData]
+	subs  []broker.Subscription
+	bg    *background.Group
+
+	waiters waiters
+}
+
+// sagaData is the CreateOrder saga's data.
+type sagaData struct {
+	OrderID    string `json:"order_id"`
+	CustomerID string `json:"customer_id"`
+	Total      int64  `json:"total"`
+}
+
+var migrations = []sqldb.Migration{{
+	Version: 1,
+	Name:    "create_orders",
+	SQL: `CREATE TABLE shop_orders (
+  id               TEXT PRIMARY KEY,
+  customer_id      TEXT NOT NULL,
+  items            TEXT NOT NULL,
+  total            BIGINT NOT NULL,
+  state            TEXT NOT NULL,
+  reason           TEXT NOT NULL DEFAULT '',
+  mode             TEXT NOT NULL,
+  cancel_requested BOOLEAN NOT NULL DEFAULT FALSE,
+  created_at       TIMESTAMP NOT NULL,
+  updated_at       TIMESTAMP NOT NULL
+);
+CREATE INDEX shop_orders_customer ON shop_orders (customer_id, state)`,
+}}
+
+// Migrate creates the service's tables, with those of the saga, the
+// outbox, the inbox and the timers, in db.
+func Migrate(ctx context.Context, db *sqldb.DB) error {
+	for _, m := range []func(context.Context, *sqldb.DB) error{outbox.Migrate, inbox.Migrate, timer.Migrate, saga.Migrate} {
+		if err := m(ctx, db); err != nil {
+			return err
+		}
+	}
+	return db.Migrate(ctx, "shop.order", migrations)
+}
+
+// New returns the service on db (migrated by Migrate), publishing through
+// b. Run starts its work.
+func New(db *sqldb.DB, b broker.Broker, cfg Config) (*Service, error) {
+	if db == nil || b == nil {
+		return nil, errors.New("order: New needs a database and a broker")
+	}
+	if cfg.Mode == "" {
+		cfg.Mode = Orchestrated
+	}
+	if _, err := ParseMode(string(cfg.Mode)); err != nil {
+		return nil, err
+	}
+	if cfg.Deadline == 0 {
+		cfg.Deadline = 10 * time.Second
+	}
+	if cfg.MaxAttempts == 0 {
+		cfg.MaxAttempts = 3
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	s := &Service{db: db, b: b, cfg: cfg, waiters: waiters{m: map[string][]chan struct{}{}}}
+	var err error
+	if s.relay, err = outbox.NewRelay(db, b, outbox.RelayConfig{Logger: cfg.Logger}); err != nil {
+		return nil, err
+	}
+	s.sched, err = timer.New(db, timer.Config{Clock: cfg.Clock, Logger: cfg.Logger, OnFired: func(fired []timer.Fired) {
+		s.relay.Notify()
+		for _, f := range fired {
+			s.waiters.wake(f.Msg.Extensions[saga.ExtSagaID])
+		}
+	}})
+	if err != nil {
+		return nil, err
+	}
+	if s.ib, err = inbox.New(db, inbox.Config{AfterCommit: s.relay.Notify, Logger: cfg.Logger}); err != nil {
+		return nil, err
+	}
+	if s.orch, err = saga.New(db, s.sched, s.ib, saga.Config{Source: Source, ReplyTopic: ReplyTopic, Logger: cfg.Logger}); err != nil {
+		return nil, err
+	}
+	s.def = s.createOrderSaga()
+	if err := s.orch.Register(s.def); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// Orchestrator returns the service's saga orchestrator, for operators:
+// Get, List, History, RetryTx, AbortTx.
+func (s *Service) Orchestrator() *saga.Orchestrator { return s.orch }
+
+// createOrderSaga is the CreateOrder saga: reserve the credit at the
+// Customer service, then approve unless the customer cancelled meanwhile.
+func (s *Service) createOrderSaga() *saga.Definition[sagaData] {
+	return &saga.Definition[sagaData]{
+		Name:    SagaName,
+		Version: 1,
+		Steps: []saga.Step[sagaData]{{
+			Name:    "reserve-credit",
+			Topic:   customer.CommandTopic,
+			Command: customer.ReserveCredit,
+			Input: func(d *sagaData) any {
+				return customer.Reservation{OrderID: d.OrderID, CustomerID: d.CustomerID, Amount: d.Total}
+			},
+			Deadline:    s.cfg.Deadline,
+			MaxAttempts: s.cfg.MaxAttempts,
+		}, {
+			Name: "approve",
+			Local: func(ctx context.Context, tx sqldb.Tx, _ string, d *sagaData) error {
+				o, err := lockOrder(ctx, tx, d.OrderID)
+				if err != nil {
+					return err
+				}
+				if o.Cancel {
+					return saga.Refuse(errCancelled)
+				}
+				return nil
+			},
+		}},
+		OnCompleted: func(ctx context.Context, tx sqldb.Tx, _ string, d *sagaData) error {
+			return s.end(ctx, tx, d.OrderID, Approved, "")
+		},
+		OnCompensated: func(ctx context.Context, tx sqldb.Tx, _ string, d *sagaData, reason string) error {
+			o, err := lockOrder(ctx, tx, d.OrderID)
+			if err != nil {
+				return err
+			}
+			if o.Cancel && reason == errCancelled.Error() {
+				return s.end(ctx, tx, d.OrderID, Cancelled, reason)
+			}
+			return s.end(ctx, tx, d.OrderID, Rejected, reason)
+		},
+	}
+}
+
+// Start serves the service until Stop: it subscribes to the saga's replies
+// and the Customer service's events (consumer group "order"), and relays
+// the outbox and fires the saga's deadlines in the background.
+func (s *Service) Start(ctx context.Context) error {
+	if s.bg != nil {
+		return errors.New("order: started already")
+	}
+	replies, err := s.b.Subscribe(ctx, broker.SubscribeConfig{Topic: ReplyTopic, Group: "order"}, s.waking(s.orch.Handler("order")))
+	if err != nil {
+		return err
+	}
+	events, err := s.b.Subscribe(ctx, broker.SubscribeConfig{Topic: customer.EventTopic, Group: "order"}, s.waking(s.ib.Handler("order-customer-events", s.onCustomerEvent)))
+	if err != nil {
+		replies.Stop(context.WithoutCancel(ctx))
+		return err
+	}
+	s.subs = []broker.Subscription{replies, events}
+	s.bg = background.Start(ctx, s.relay.Run, s.sched.Run)
+	return nil
+}
+
+// Stop stops the subscriptions, then the relay and the scheduler, and
+// waits for them.
+func (s *Service) Stop(ctx context.Context) error {
+	errs := []error{background.StopAll(ctx, s.subs...)}
+	s.subs = nil
+	if s.bg != nil {
+		errs = append(errs, s.bg.Stop())
+		s.bg = nil
+	}
+	return errors.Join(errs...)
+}
+
+// waking wakes the callers awaiting the orders a batch concerned, after
+// the batch's transaction committed (h has returned).
+func (s *Service) waking(h broker.Handler) broker.Handler {
+	return func(ctx context.Context, batch []*broker.Delivery) {
+		h(ctx, batch)
+		for _, d := range batch {
+			if d.Msg != nil {
+				s.waiters.wake(d.Msg.CorrelationID)
+			}
+		}
+	}
+}
+
+// Place validates req, creates the order PENDING and starts its business
+// transaction, in one local transaction. An invalid request returns a
+// *ValidationError (errors.Is ErrInvalid).
+func (s *Service) Place(ctx context.Context, req PlaceRequest) (Order, error) {
+	if err := req.Validate(); err != nil {
+		return Order{}, err
+	}
+	now := time.Now().UTC().Truncate(time.Microsecond)
+	o := Order{ID: message.NewID(), CustomerID: req.CustomerID, Items: req.Items, Total: req.total(),
+		State: Pending, Mode: s.cfg.Mode, CreatedAt: now, UpdatedAt: now}
+	items, err := json.Marshal(o.Items)
+	if err != nil {
+		return Order{}, err
+	}
+	err = s.db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+		if _, err := tx.Exec(ctx, `INSERT INTO shop_orders (id, customer_id, items, total, state, mode, created_at, updated_at)
+			VALUES ($1, $2, $3, $4, $5, $6, $7, $7)`, o.ID, o.CustomerID, string(items), o.Total, string(o.State), string(o.Mode), now); err != nil {
+			return err
+		}
+		if o.Mode == Orchestrated {
+			return s.def.StartTx(ctx, tx, s.orch, o.ID, sagaData{OrderID: o.ID, CustomerID: o.CustomerID, Total: o.Total})
+		}
+		m, err := message.NewJSON(Source, EventCreated, customer.Reservation{OrderID: o.ID, CustomerID: o.CustomerID, Amount: o.Total})
+		if err != nil {
+			return err
+		}
+		m.Subject, m.CorrelationID = o.ID, o.ID
+		return outbox.Add(ctx, tx, EventTopic, m)
+	})
+	if err != nil {
+		return Order{}, fmt.Errorf("order: place: %w", err)
+	}
+	s.relay.Notify()
+	return o, nil
+}
+
+// Cancel asks to cancel a pending order. The order ends CANCELLED once its
+// reserved credit is released, or REJECTED if the credit was refused
+// anyway; an ended order returns ErrNotCancellable.
+func (s *Service) Cancel(ctx context.Context, id string) (Order, error) {
+	var o Order
+	err := s.db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+		var err error
+		if o, err = lockOrder(ctx, tx, id); err != nil {
+			return err
+		}
+		if o.State != Pending {
+			return fmt.Errorf("%w: order %s is %s", ErrNotCancellable, id, o.State)
+		}
+		o.Cancel = true
+		_, err = tx.Exec(ctx, `UPDATE shop_orders SET cancel_requested = TRUE, updated_at = $1 WHERE id = $2`, time.Now().UTC(), id)
+		return err
+	})
+	return o, err
+}
+
+// Get reads an order.
+func (s *Service) Get(ctx context.Context, id string) (Order, error) {
+	return scanOrder(s.db.QueryRow(ctx, selectOrder+` WHERE id = $1`, id), id)
+}
+
+// Await waits until the order has ended, or ctx ends, and returns it.
+func (s *Service) Await(ctx context.Context, id string) (Order, error) {
+	woken := s.waiters.add(id)
+	defer s.waiters.remove(id, woken)
+	// Ends that no reply or event of this process signals (another
+	// instance handled it) are seen by asking again now and then.
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		o, err := s.Get(ctx, id)
+		if err != nil || o.State.Ended() {
+			return o, err
+		}
+		select {
+		case <-woken:
+		case <-tick.C:
+		case <-ctx.Done():
+			return o, ctx.Err()
+		}
+	}
+}
+
+const selectOrder = `SELECT id, customer_id, items, total, state, reason, mode, cancel_requested, created_at, updated_at FROM shop_orders`
+
+func scanOrder(row sqldb.Row, id string) (Order, error) {
+	var o Order
+	var items, state, mode string
+	err := row.Scan(&o.ID, &o.CustomerID, &items, &o.Total, &state, &o.Reason, &mode, &o.Cancel, &o.CreatedAt, &o.UpdatedAt)
+	if errors.Is(err, sqldb.ErrNoRows) {
+		return Order{}, fmt.Errorf("%w: %q", ErrNotFound, id)
+	}
+	if err != nil {
+		return Order{}, fmt.Errorf("order: read %q: %w", id, err)
+	}
+	o.State, o.Mode = State(state), Mode(mode)
+	if err := json.Unmarshal([]byte(items), &o.Items); err != nil {
+		return Order{}, fmt.Errorf("order: read the items of %q: %w", id, err)
+	}
+	return o, nil
+}
+
+// lockOrder reads an order in tx, locking its row on PostgreSQL (SQLite's
+// write transactions are serialized).
+func lockOrder(ctx context.Context, tx sqldb.Tx, id string) (Order, error) {
+	q := selectOrder + ` WHERE id = $1`
+	if tx.Dialect() == sqldb.Postgres {
+		q += ` FOR UPDATE`
+	}
+	return scanOrder(tx.QueryRow(ctx, q, id), id)
+}
+
+// end moves a pending order to its final state and publishes the outcome,
+// in tx.
+func (s *Service) end(ctx context.Context, tx sqldb.Tx, id string, state State, reason string) error {
+	o, err := lockOrder(ctx, tx, id)
+	if err != nil {
+		return err
+	}
+	if o.State != Pending {
+		return fmt.Errorf("order: %s is %s already; cannot make it %s", id, o.State, state)
+	}
+	if _, err := tx.Exec(ctx, `UPDATE shop_orders SET state = $1, reason = $2, updated_at = $3 WHERE id = $4`,
+		string(state), reason, time.Now().UTC(), id); err != nil {
+		return err
+	}
+	typ := map[State]string{Approved: EventApproved, Rejected: EventRejected, Cancelled: EventCancelled}[state]
+	m, err := message.NewJSON(Source, typ, Event{OrderID: id, CustomerID: o.CustomerID, Amount: o.Total, Reason: reason})
+	if err != nil {
+		return err
+	}
+	m.Subject = id
+	if m.CorrelationID == "" && message.CauseFrom(ctx) == nil {
+		m.CorrelationID = id
+	}
+	return outbox.Add(ctx, tx, EventTopic, m)
+}
+
+// onCustomerEvent reacts to the Customer service's events (choreographed
+// style).
+func (s *Service) onCustomerEvent(ctx context.Context, tx sqldb.Tx, m *message.Message) error {
+	if m.Type != customer.CreditReserved && m.Type != customer.CreditLimitExceeded {
+		return nil // CreditReleased ends nothing here
+	}
+	var r customer.Reservation
+	if err := json.Unmarshal(m.Data, &r); err != nil || r.OrderID == "" {
+		return inbox.Permanent(fmt.Errorf("order: malformed %s data (%v)", m.Type, err))
+	}
+	o, err := lockOrder(ctx, tx, r.OrderID)
+	if errors.Is(err, ErrNotFound) {
+		return inbox.Permanent(err)
+	}
+	if err != nil {
+		return err
+	}
+	if o.State != Pending {
+		return nil // a repeat: the order has ended
+	}
+	switch {
+	case m.Type == customer.CreditLimitExceeded:
+		return s.end(ctx, tx, o.ID, Rejected, r.Reason)
+	case o.Cancel:
+		// The credit was reserved while the customer cancelled: the
+		// cancellation event makes the Customer service release it.
+		return s.end(ctx, tx, o.ID, Cancelled, errCancelled.Error())
+	default:
+		return s.end(ctx, tx, o.ID, Approved, "")
+	}
+}
+
+// waiters are the callers of Await, by order id.
+type waiters struct {
+	mu sync.Mutex
+	m  map[string][]chan struct{}
+}
+
+func (w *waiters) add(id string) chan struct{} {
+	ch := make(chan struct{}, 1)
+	w.mu.Lock()
+	w.m[id] = append(w.m[id], ch)
+	w.mu.Unlock()
+	return ch
+}
+
+func (w *waiters) remove(id string, ch chan struct{}) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	list := w.m[id]
+	for i, c := range list {
+		if c == ch {
+			list = append(list[:i], list[i+1:]...)
+			break
+		}
+	}
+	if len(list) == 0 {
+		delete(w.m, id)
+	} else {
+		w.m[id] = list
+	}
+}
+
+func (w *waiters) wake(id string) {
+	if id == "" {
+		return
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, ch := range w.m[id] {
+		select {
+		case ch <- struct{}{}:
+		default:
+		}
+	}
+}
