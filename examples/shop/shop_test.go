@@ -423,3 +423,23 @@ func waitHistory(t *testing.T, o *saga.Orchestrator, id, step, op string, attemp
 		return false
 	})
 }
+
+func TestShop_CheckReportsCreditThatDoesNotMatchTheApprovedOrders(t *testing.T) {
+	h := newHarness(t, "sqlite")
+	o := h.place("c1", 500)
+	if got := h.await(o.ID); got.State != order.Approved {
+		t.Fatalf("order %s, want APPROVED", got.State)
+	}
+	h.checkInvariants()
+	// A reservation applied twice, as a consumer without an inbox would.
+	if _, err := h.customerDB.Exec(h.ctx, `UPDATE shop_customers SET reserved = reserved + 500 WHERE id = 'c1'`); err != nil {
+		t.Fatal(err)
+	}
+	v, err := h.shop.Check(h.ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(v) != 1 || v[0].Invariant != "reserved credit = approved orders" || !strings.Contains(v[0].Detail, "c1 has 1000 reserved") {
+		t.Errorf("Check found %v, want c1's doubled reservation", v)
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/troupedev/troupe/examples/shop/order"
 	"github.com/troupedev/troupe/internal/bench"
 	"github.com/troupedev/troupe/internal/demo"
 )
@@ -69,15 +70,24 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs := flag.NewFlagSet("troupe demo", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var cfg demo.Config
+	var mode string
 	fs.StringVar(&cfg.DataDir, "data-dir", "", "keep the demo's databases and broker files here (default: a temporary directory, removed at the end)")
-	fs.IntVar(&cfg.Orders, "orders", 1000, "how many orders the demo places")
+	fs.StringVar(&cfg.Postgres, "postgres", "", "run on PostgreSQL: URL of a server database on which the role may create databases (each service gets a fresh one, dropped at the end)")
+	fs.StringVar(&mode, "mode", "orchestrated", "how CreateOrder runs: orchestrated (a saga) or choreographed (events)")
+	fs.IntVar(&cfg.Orders, "orders", 2000, "how many orders the demo places")
+	fs.IntVar(&cfg.Clients, "clients", 16, "how many clients place orders at once")
+	fs.Uint64Var(&cfg.Seed, "seed", 1, "seed of the workload and the injected faults")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
 	}
-	cfg.Out = stdout
+	m, err := order.ParseMode(mode)
+	if err != nil {
+		return err
+	}
+	cfg.Mode, cfg.Out = m, stdout
 	return demo.Run(ctx, cfg)
 }
 

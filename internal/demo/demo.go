@@ -1,90 +1,96 @@
-// Package demo runs `troupe demo`: Troupe's parts working together on
-// embedded defaults (SQLite files and an in-process NATS JetStream server),
-// with faults injected along the way, printing what happens.
+// Package demo runs `troupe demo`: the online shop (examples/shop) on
+// embedded defaults — an Order service and a Customer service, each with its
+// own SQLite database, over an in-process NATS JetStream server — or on
+// PostgreSQL, driven by a mixed workload with faults injected, ending with
+// a table of outcomes and a check of the shop's invariants.
 package demo
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"os"
-	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
+	"text/tabwriter"
 	"time"
 
-	"github.com/troupedev/troupe/broker"
-	"github.com/troupedev/troupe/inbox"
+	"github.com/troupedev/troupe/broker/faulty"
+	"github.com/troupedev/troupe/examples/shop"
+	"github.com/troupedev/troupe/examples/shop/customer"
+	"github.com/troupedev/troupe/examples/shop/order"
 	"github.com/troupedev/troupe/internal/brokeropen"
-	"github.com/troupedev/troupe/message"
-	"github.com/troupedev/troupe/outbox"
-	"github.com/troupedev/troupe/sqldb"
+	"github.com/troupedev/troupe/internal/servicedb"
+	"github.com/troupedev/troupe/retry"
 )
 
 // Config configures the demo.
 type Config struct {
-	// DataDir keeps the demo's database and broker files. Default: a
+	// DataDir keeps the demo's databases and broker files. Default: a
 	// temporary directory removed at the end.
 	DataDir string
-	// Orders is how many orders the demo places. Default 1000.
+	// Postgres, when set, is the URL of a PostgreSQL server database on
+	// which the role may create databases: each service gets a fresh
+	// database there, dropped at the end.
+	Postgres string
+	// Mode is how CreateOrder runs. Default order.Orchestrated.
+	Mode order.Mode
+	// Orders is how many orders the demo places. Default 2000.
 	Orders int
+	// Clients is how many place orders at once. Default 16.
+	Clients int
+	// Seed makes the workload and the faults repeatable. Default 1.
+	Seed uint64
 	// Out receives the demo's narration. Required.
 	Out io.Writer
-	// Timeout bounds each wait for the consumer. Default 30s.
+	// Timeout bounds the whole run. Default 5 minutes.
 	Timeout time.Duration
 }
 
+// The workload and its faults.
 const (
-	topic     = "shop.orders"
-	eventType = "shop.order.placed"
-	source    = "/services/order"
+	customers       = 50
+	overLimitEvery  = 8    // about one order in 8 is over its customer's limit
+	cancelEvery     = 20   // about one in 20 is cancelled by its customer while in flight
+	customerFailure = 0.03 // share of deliveries the Customer service fails once (transient)
+	duplicateShare  = 0.05 // share of messages the broker publishes twice
 )
 
-// order is the data of a shop.order.placed event.
-type order struct {
-	OrderID    string `json:"order_id"`
-	CustomerID string `json:"customer_id"`
-	TotalCents int64  `json:"total_cents"`
-}
+// ErrInvariant is matched by the error Run returns when the shop's
+// invariants do not hold at the end.
+var ErrInvariant = errors.New("demo: invariant broken")
 
-var orderMigrations = []sqldb.Migration{{
-	Version: 1,
-	Name:    "create_orders",
-	SQL: `CREATE TABLE orders (
-  order_id    TEXT PRIMARY KEY,
-  customer_id TEXT NOT NULL,
-  total_cents INTEGER NOT NULL,
-  state       TEXT NOT NULL
-);`,
-}}
-
-// The view has no unique key on the event: the inbox is what keeps a
-// redelivered event from being applied twice.
-var viewMigrations = []sqldb.Migration{{
-	Version: 1,
-	Name:    "create_order_history",
-	SQL: `CREATE TABLE order_history (
-  order_id    TEXT NOT NULL,
-  customer_id TEXT NOT NULL,
-  total_cents INTEGER NOT NULL
-);`,
-}}
-
-// Run runs the demo and returns the first thing that did not go as the demo
-// says it should.
+// Run runs the demo. It returns an error matching ErrInvariant when an
+// invariant does not hold.
 func Run(ctx context.Context, cfg Config) error {
 	if cfg.Out == nil {
-		return errors.New("demo: Out is required")
+		return errors.New("demo: Config.Out is required")
+	}
+	if cfg.Mode == "" {
+		cfg.Mode = order.Orchestrated
+	}
+	if _, err := order.ParseMode(string(cfg.Mode)); err != nil {
+		return err
 	}
 	if cfg.Orders <= 0 {
-		cfg.Orders = 1000
+		cfg.Orders = 2000
+	}
+	if cfg.Clients <= 0 {
+		cfg.Clients = 16
+	}
+	if cfg.Seed == 0 {
+		cfg.Seed = 1
 	}
 	if cfg.Timeout <= 0 {
-		cfg.Timeout = 30 * time.Second
+		cfg.Timeout = 5 * time.Minute
 	}
+	ctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
+	defer cancel()
+	out := cfg.Out
 	dir := cfg.DataDir
 	if dir == "" {
 		d, err := os.MkdirTemp("", "troupe-demo-*")
@@ -93,473 +99,333 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		defer os.RemoveAll(d)
 		dir = d
-	} else if err := os.MkdirAll(dir, 0o755); err != nil {
-		return err
 	}
-	d := &run{cfg: cfg, dir: dir, out: cfg.Out, applied: make(chan struct{}, 1)}
-	return d.run(ctx)
-}
+	log := slog.New(slog.DiscardHandler)
 
-type run struct {
-	cfg Config
-	dir string
-	out io.Writer
-
-	orders    *sqldb.DB // the Order service's database, with its outbox
-	view      *sqldb.DB // the order-history view's database, with its inbox
-	ob        *brokeropen.Opened
-	relay     *outbox.Relay
-	relayStop func() error
-
-	mu        sync.Mutex
-	failedFor map[string]bool // event ids whose first attempt the demo fails
-	applied   chan struct{}   // signalled after each committed batch
-	dead      chan *message.Message
-	delivered atomic.Int64 // deliveries to the view's handler
-}
-
-func (d *run) say(format string, args ...any) { fmt.Fprintf(d.out, format+"\n", args...) }
-
-func (d *run) run(ctx context.Context) error {
-	d.say("Troupe demo: an Order service commits orders with their events (outbox), a relay publishes them,")
-	d.say("and an order-history view applies each event exactly once (inbox).")
-	d.say("Embedded defaults: SQLite files and NATS JetStream in-process, in %s\n", d.dir)
-
-	var err error
-	if d.orders, err = d.openDB(ctx, "orders.db", "demo.orders", orderMigrations, outbox.Migrate); err != nil {
-		return err
-	}
-	defer d.orders.Close()
-	if d.view, err = d.openDB(ctx, "order-history.db", "demo.order_history", viewMigrations, inbox.Migrate); err != nil {
-		return err
-	}
-	defer d.view.Close()
-	if err := d.openBroker(ctx); err != nil {
-		return err
-	}
-	defer func() { d.ob.Close() }()
-	if err := d.startRelay(ctx); err != nil {
-		return err
-	}
-	defer func() { d.relayStop() }()
-
-	// 1. Commit orders and their events together.
-	t0 := time.Now()
-	placed, err := d.placeOrders(ctx, d.cfg.Orders, 100)
+	dbs, err := servicedb.Open(ctx, servicedb.Config{Dir: dir, Postgres: cfg.Postgres, Prefix: "troupe_demo_", Fresh: true,
+		MaxConns: map[string]int{"order": cfg.Clients + 8}}, "order", "customer")
 	if err != nil {
 		return err
 	}
-	d.say("[1/5] placed %d orders: each order row and its %q event committed in one transaction (100 orders a transaction)", len(placed), eventType)
-
-	// 2. The relay publishes; the view consumes through its inbox.
-	sub, err := d.subscribeView(ctx)
+	defer dbs.Close()
+	ob, err := brokeropen.Open(ctx, "nats", dir, log)
 	if err != nil {
 		return err
 	}
-	if err := d.waitForRows(ctx, len(placed)); err != nil {
-		return err
-	}
-	total, err := d.viewTotal(ctx)
+	defer ob.Close()
+	fb, err := faulty.Wrap(ob.Broker, faulty.Config{Duplicate: duplicateShare, Delay: 0.5, Reorder: true, Seed: cfg.Seed})
 	if err != nil {
-		return err
-	}
-	d.say("[2/5] the relay published them and the order-history view (SQLite) applied all %d: %.2f in total (%s from the first commit)", len(placed), float64(total)/100, since(t0))
-
-	// 3. Faults: a transient failure, a relay that lost its marks, a poison message.
-	if err := d.faults(ctx, len(placed)); err != nil {
 		return err
 	}
 
-	// 4. Restart the broker on the same files.
-	if err := sub.Stop(ctx); err != nil {
-		return err
+	fmt.Fprintf(out, "Troupe demo: the online shop. An Order service and a Customer service, each with its own database,\n")
+	if cfg.Mode == order.Orchestrated {
+		fmt.Fprintf(out, "run CreateOrder as an orchestrated saga: reserve the customer's credit, then approve the order;\n")
+		fmt.Fprintf(out, "a refusal rejects it, a cancellation while in flight compensates (releases the credit).\n")
+	} else {
+		fmt.Fprintf(out, "run CreateOrder as a choreography: OrderCreated → CreditReserved | CreditLimitExceeded → approved,\n")
+		fmt.Fprintf(out, "rejected, or cancelled (OrderCancelled → the credit is released).\n")
 	}
-	if err := d.relayStop(); err != nil {
-		return err
-	}
-	if err := d.ob.Close(); err != nil {
-		return err
-	}
-	if err := d.openBroker(ctx); err != nil {
-		return err
-	}
-	if err := d.startRelay(ctx); err != nil {
-		return err
-	}
-	want := len(placed) + 1 + 1 // the orders, the flaky one, the poison one
-	audit, deliveries, err := d.countTopic(ctx, "audit", want)
-	if err != nil {
-		return err
-	}
-	if audit != want || deliveries != want {
-		return fmt.Errorf("after the restart a new group read %d distinct events in %d deliveries, want %d of each", audit, deliveries, want)
-	}
-	d.say("[4/5] restart: broker stopped and started on the same files; a new consumer group read all %d events from the start, each once: nothing lost, no duplicate stored", audit)
+	fmt.Fprintf(out, "Databases: %s\nBroker:    %s\n\n", dbs.Description, ob.Description)
 
-	// 5. The group's position survived: only new events reach the view.
-	rows, err := d.viewRows(ctx)
-	if err != nil {
-		return err
-	}
-	before := d.delivered.Load()
-	sub, err = d.subscribeView(ctx)
-	if err != nil {
-		return err
-	}
-	defer sub.Stop(context.WithoutCancel(ctx))
-	more, err := d.placeOrders(ctx, 10, 10)
-	if err != nil {
-		return err
-	}
-	if err := d.waitForRows(ctx, rows+len(more)); err != nil {
-		return err
-	}
-	if n := d.delivered.Load() - before; n != int64(len(more)) {
-		return fmt.Errorf("after the restart the view's handler saw %d deliveries, want %d", n, len(more))
-	}
-	d.say("[5/5] the order-history group resumed where it stopped: %d new orders applied, none of the %d before delivered again", len(more), rows)
-	d.say("\nDone. Sagas and the reference shops arrive in later releases; see README.md.")
-	return nil
-}
-
-// openDB opens a SQLite database in the demo's directory and migrates it:
-// the service's own tables, then Troupe's.
-func (d *run) openDB(ctx context.Context, file, component string, own []sqldb.Migration, troupe func(context.Context, *sqldb.DB) error) (*sqldb.DB, error) {
-	db, err := sqldb.Open(ctx, "sqlite://"+filepath.Join(d.dir, file), nil)
-	if err != nil {
-		return nil, err
-	}
-	if err := db.Migrate(ctx, component, own); err != nil {
-		db.Close()
-		return nil, err
-	}
-	if err := troupe(ctx, db); err != nil {
-		db.Close()
-		return nil, err
-	}
-	return db, nil
-}
-
-// startRelay runs the outbox relay of the Order service until relayStop.
-func (d *run) startRelay(ctx context.Context) error {
-	r, err := outbox.NewRelay(d.orders, d.ob.Broker, outbox.RelayConfig{})
-	if err != nil {
-		return err
-	}
-	rctx, cancel := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- r.Run(rctx) }()
-	d.relay = r
-	d.relayStop = func() error {
-		cancel()
-		return <-done
-	}
-	return nil
-}
-
-func (d *run) openBroker(ctx context.Context) error {
-	ob, err := brokeropen.Open(ctx, "nats", d.dir, slog.New(slog.DiscardHandler))
-	if err != nil {
-		return err
-	}
-	d.ob = ob
-	return nil
-}
-
-// placeOrders commits n orders, each with its event in the outbox, in
-// transactions of batch orders, and wakes the relay after each commit.
-func (d *run) placeOrders(ctx context.Context, n, batch int) ([]*message.Message, error) {
-	all := make([]*message.Message, 0, n)
-	for len(all) < n {
-		var msgs []*message.Message
-		err := d.orders.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
-			msgs = msgs[:0]
-			for i := 0; i < batch && len(all)+len(msgs) < n; i++ {
-				k := len(all) + len(msgs)
-				o := order{
-					OrderID:    fmt.Sprintf("order-%s", message.NewID()[24:]),
-					CustomerID: fmt.Sprintf("customer-%d", k%37),
-					TotalCents: int64(1000 + (k*7919)%9000),
-				}
-				if _, err := tx.Exec(ctx, `INSERT INTO orders (order_id, customer_id, total_cents, state) VALUES ($1, $2, $3, 'PLACED')`,
-					o.OrderID, o.CustomerID, o.TotalCents); err != nil {
-					return err
-				}
-				m, err := message.NewJSON(source, eventType, o)
-				if err != nil {
-					return err
-				}
-				m.Subject = o.OrderID
-				m.CorrelationID = m.ID
-				msgs = append(msgs, m)
-			}
-			return outbox.Add(ctx, tx, topic, msgs...)
-		})
-		if err != nil {
-			return nil, err
-		}
-		d.relay.Notify()
-		all = append(all, msgs...)
-	}
-	return all, nil
-}
-
-// subscribeView consumes order events into the view through the inbox:
-// each batch in one transaction, each event's row and its inbox row
-// together, so a redelivered event changes nothing.
-func (d *run) subscribeView(ctx context.Context) (broker.Subscription, error) {
-	ib, err := inbox.New(d.view, inbox.Config{Backoff: func(int) time.Duration { return 200 * time.Millisecond }})
-	if err != nil {
-		return nil, err
-	}
-	apply := ib.Handler("order-history", func(ctx context.Context, tx sqldb.Tx, m *message.Message) error {
-		var o order
-		if err := json.Unmarshal(m.Data, &o); err != nil || o.OrderID == "" {
-			return inbox.Permanent(fmt.Errorf("order-history cannot read %s: %v", m.Type, errOr(err, "no order_id")))
-		}
-		d.mu.Lock()
-		fail := d.failedFor[m.ID]
-		delete(d.failedFor, m.ID)
-		d.mu.Unlock()
-		if fail {
-			return errors.New("the view's database is busy (a transient failure the demo injects)")
-		}
-		_, err := tx.Exec(ctx, `INSERT INTO order_history (order_id, customer_id, total_cents) VALUES ($1, $2, $3)`,
-			o.OrderID, o.CustomerID, o.TotalCents)
-		return err
+	backoff := retry.Exponential{Min: 50 * time.Millisecond, Max: time.Second}
+	s, err := shop.Start(ctx, shop.Config{
+		OrderDB: dbs.DBs["order"], CustomerDB: dbs.DBs["customer"], Broker: fb,
+		Order:    order.Config{Mode: cfg.Mode, Logger: log},
+		Customer: customer.Config{Logger: log, FailRate: customerFailure, Seed: cfg.Seed, Backoff: backoff.Delay},
 	})
-	return d.ob.Broker.Subscribe(ctx, broker.SubscribeConfig{
-		Topic: topic, Group: "order-history", MaxBatch: 64, NakDelay: 200 * time.Millisecond,
-	}, func(ctx context.Context, batch []*broker.Delivery) {
-		d.delivered.Add(int64(len(batch)))
-		apply(ctx, batch)
+	if err != nil {
+		return err
+	}
+	stopped := false
+	defer func() {
+		if !stopped {
+			s.Stop()
+		}
+	}()
+
+	rng := rand.New(rand.NewPCG(cfg.Seed, 7))
+	limits := make([]int64, customers)
+	for i := range customers {
+		limits[i] = 50_000 + rng.Int64N(450_001) // 500.00 .. 5,000.00
+		if err := s.Customer().Create(ctx, customer.Customer{ID: fmt.Sprintf("cust-%02d", i), Name: fmt.Sprintf("Customer %d", i), CreditLimit: limits[i]}); err != nil {
+			return err
+		}
+	}
+	fmt.Fprintf(out, "[1/4] %d customers, credit limits 500.00 to 5,000.00\n", customers)
+	fmt.Fprintf(out, "[2/4] %d clients place %d orders: about 1 in %d over its customer's limit, 1 in %d cancelled while in flight.\n",
+		cfg.Clients, cfg.Orders, overLimitEvery, cancelEvery)
+	fmt.Fprintf(out, "      Faults: the Customer service fails %.0f%% of deliveries (retried by the broker), the broker publishes\n", customerFailure*100)
+	fmt.Fprintf(out, "      %.0f%% of messages twice (some late, batches shuffled), and the Order service is restarted halfway.\n", duplicateShare*100)
+
+	w := &workload{cfg: cfg, shop: s, limits: limits}
+	start := time.Now()
+	progressDone := make(chan struct{})
+	go w.progress(ctx, out, start, progressDone)
+	err = w.run(ctx)
+	close(progressDone)
+	if err != nil {
+		return err
+	}
+	elapsed := time.Since(start)
+	fmt.Fprintf(out, "      %d orders ended in %.1fs\n", cfg.Orders, elapsed.Seconds())
+
+	fmt.Fprintf(out, "[3/4] quiescence: flushing the broker's late copies, letting the last messages settle\n")
+	if err := fb.Flush(ctx); err != nil {
+		return err
+	}
+	violations, err := w.quiesce(ctx)
+	if err != nil {
+		return err
+	}
+	tot, err := s.Count(ctx)
+	if err != nil {
+		return err
+	}
+	injected := s.Customer().Injected()
+	stopped = true
+	if err := s.Stop(); err != nil {
+		return err
+	}
+
+	fmt.Fprintf(out, "[4/4] results\n\n")
+	lat := w.latencies()
+	tw := tabwriter.NewWriter(out, 0, 0, 3, ' ', 0)
+	row := func(k, v string) { fmt.Fprintf(tw, "  %s\t%s\n", k, v) }
+	row("orders approved", fmt.Sprint(tot.Approved))
+	row("orders rejected (credit refused)", fmt.Sprint(tot.Rejected))
+	row("orders cancelled (compensated: credit released)", fmt.Sprint(tot.Cancelled))
+	row("orders still pending", fmt.Sprint(tot.Pending))
+	row("sagas per second (place to end)", fmt.Sprintf("%.0f", float64(cfg.Orders)/elapsed.Seconds()))
+	row("latency p50 / p99 / max", fmt.Sprintf("%s / %s / %s", ms(pct(lat, 0.50)), ms(pct(lat, 0.99)), ms(pct(lat, 1))))
+	row("injected: Customer transient failures", fmt.Sprint(injected))
+	fst := fb.Stats()
+	row("injected: messages duplicated (late)", fmt.Sprintf("%d (%d)", fst.Duplicated, fst.Delayed))
+	row("injected: Order service restarts", fmt.Sprint(w.restarts.Load()))
+	tw.Flush()
+
+	fmt.Fprintf(out, "\n  invariants (read from both databases):\n")
+	checks := []string{
+		"every order ended",
+		"every saga ended",
+		"order state matches its saga",
+		"reserved credit = approved orders",
+		"reserved credit within the limit",
+	}
+	broken := map[string][]shop.Violation{}
+	for _, v := range violations {
+		broken[v.Invariant] = append(broken[v.Invariant], v)
+	}
+	for _, c := range checks {
+		if vs := broken[c]; len(vs) > 0 {
+			fmt.Fprintf(out, "  ✗ %s: %d violations, e.g. %s\n", c, len(vs), vs[0].Detail)
+			continue
+		}
+		fmt.Fprintf(out, "  ✓ %s\n", describe(c))
+	}
+	if len(violations) > 0 {
+		return fmt.Errorf("%w: %d violations (first: %s)", ErrInvariant, len(violations), violations[0])
+	}
+	fmt.Fprintf(out, "\nAll invariants hold. Run it on PostgreSQL with --postgres URL, as a choreography with --mode choreographed;\n")
+	fmt.Fprintf(out, "the shop itself: go run ./examples/shop/cmd/shop (see examples/shop).\n")
+	return nil
+}
+
+func describe(invariant string) string {
+	switch invariant {
+	case "every order ended":
+		return "every order ended: none left PENDING"
+	case "every saga ended":
+		return "every saga ended: completed or compensated, none running or parked"
+	case "order state matches its saga":
+		return "each order's state matches its saga's (APPROVED exactly when the saga completed)"
+	case "reserved credit = approved orders":
+		return fmt.Sprintf("for each of the %d customers, reserved credit = the sum of its approved orders", customers)
+	default:
+		return "no customer's reserved credit exceeds its limit"
+	}
+}
+
+// workload is the clients placing orders.
+type workload struct {
+	cfg    Config
+	shop   *shop.Shop
+	limits []int64
+
+	gate     sync.RWMutex // held for writing while the Order service restarts
+	placed   atomic.Int64
+	ended    atomic.Int64
+	restarts atomic.Int64
+	mu       sync.Mutex
+	lat      []time.Duration
+	orderIDs []string
+}
+
+func (w *workload) run(ctx context.Context) error {
+	jobs := make(chan int)
+	errc := make(chan error, w.cfg.Clients)
+	var wg sync.WaitGroup
+	for c := range w.cfg.Clients {
+		rng := rand.New(rand.NewPCG(w.cfg.Seed, uint64(c)+100))
+		wg.Go(func() {
+			for n := range jobs {
+				if err := w.one(ctx, rng, n); err != nil {
+					errc <- err
+					return
+				}
+			}
+		})
+	}
+	var err error
+feed:
+	for n := range w.cfg.Orders {
+		if n == w.cfg.Orders/2 {
+			if err = w.restartOrder(ctx); err != nil {
+				break
+			}
+		}
 		select {
-		case d.applied <- struct{}{}:
+		case jobs <- n:
+		case err = <-errc:
+			break feed
+		case <-ctx.Done():
+			err = ctx.Err()
+			break feed
+		}
+	}
+	close(jobs)
+	wg.Wait()
+	if err == nil {
+		select {
+		case err = <-errc:
 		default:
 		}
-	})
-}
-
-func errOr(err error, s string) any {
-	if err != nil {
-		return err
 	}
-	return s
-}
-
-func (d *run) faults(ctx context.Context, rows int) error {
-	dlq, err := d.ob.Broker.Subscribe(ctx, broker.SubscribeConfig{Topic: topic + ".dlq", Group: "operator"},
-		d.collect(1))
-	if err != nil {
-		return err
-	}
-	before := d.delivered.Load()
-
-	// A transient failure: the first attempt at this event fails.
-	flaky, err := message.NewJSON(source, eventType, order{OrderID: "order-flaky", CustomerID: "customer-1", TotalCents: 4200})
-	if err != nil {
-		return err
-	}
-	d.mu.Lock()
-	d.failedFor = map[string]bool{flaky.ID: true}
-	d.mu.Unlock()
-	if err := d.addEvents(ctx, flaky); err != nil {
-		return err
-	}
-	if err := d.waitForRows(ctx, rows+1); err != nil {
-		return err
-	}
-
-	// The relay loses its marks on 100 published events, as when it is
-	// killed between the broker's ack and marking them delivered: it
-	// publishes them again.
-	if _, err := d.orders.Exec(ctx, `UPDATE troupe_outbox SET delivered_at = NULL
-WHERE seq IN (SELECT seq FROM troupe_outbox ORDER BY seq LIMIT 100)`); err != nil {
-		return err
-	}
-	d.relay.Notify()
-	if err := d.waitForRelay(ctx); err != nil {
-		return err
-	}
-
-	// A poison message: data the view cannot read.
-	poison := message.New(source, eventType, []byte("this is not JSON"))
-	poison.DataContentType = "text/plain"
-	if err := d.addEvents(ctx, poison); err != nil {
-		return err
-	}
-	got, err := d.waitCollected(ctx)
-	if err != nil {
-		return err
-	}
-	if err := dlq.Stop(ctx); err != nil {
-		return err
-	}
-	// The flaky event twice, the poison one once, the re-published ones never.
-	if n := d.delivered.Load() - before; n != 3 {
-		return fmt.Errorf("the view's handler saw %d deliveries during the faults, want 3", n)
-	}
-	n, err := d.viewRows(ctx)
-	if err != nil {
-		return err
-	}
-	if n != rows+1 {
-		return fmt.Errorf("view has %d rows after the faults, want %d", n, rows+1)
-	}
-	d.say("[3/5] faults: an event whose first attempt failed was redelivered after 200ms and applied once;")
-	d.say("      the relay lost its marks on 100 published events and published them again: the broker's dedup dropped the copies;")
-	d.say("      a malformed event went to %q with its reason: %q", topic+".dlq", got[0].Extensions[broker.ExtDeadLetterReason])
-	return nil
-}
-
-// addEvents commits events to the Order service's outbox on their own.
-func (d *run) addEvents(ctx context.Context, msgs ...*message.Message) error {
-	err := d.orders.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
-		return outbox.Add(ctx, tx, topic, msgs...)
-	})
-	d.relay.Notify()
 	return err
 }
 
-// waitForRelay waits until the outbox has no undelivered row.
-func (d *run) waitForRelay(ctx context.Context) error {
-	tick := time.NewTicker(20 * time.Millisecond)
-	defer tick.Stop()
-	timeout := time.NewTimer(d.cfg.Timeout)
-	defer timeout.Stop()
-	for {
-		var pending int
-		if err := d.orders.QueryRow(ctx, "SELECT count(*) FROM troupe_outbox WHERE delivered_at IS NULL").Scan(&pending); err != nil {
-			return err
-		}
-		if pending == 0 {
-			return nil
-		}
-		select {
-		case <-tick.C:
-		case <-timeout.C:
-			return fmt.Errorf("the relay left %d events unpublished for %s", pending, d.cfg.Timeout)
-		case <-ctx.Done():
-			return ctx.Err()
+// restartOrder stops the Order service while sagas are in flight and
+// starts a new instance on the same database: the replies that arrived
+// meanwhile wait in the broker, the deadlines in the database.
+func (w *workload) restartOrder(ctx context.Context) error {
+	w.gate.Lock()
+	defer w.gate.Unlock()
+	if err := w.shop.StopOrder(); err != nil {
+		return fmt.Errorf("stop the Order service: %w", err)
+	}
+	if err := w.shop.StartOrder(ctx); err != nil {
+		return fmt.Errorf("restart the Order service: %w", err)
+	}
+	w.restarts.Add(1)
+	return nil
+}
+
+// one places order n, maybe cancels it, and waits for it to end.
+func (w *workload) one(ctx context.Context, rng *rand.Rand, n int) error {
+	c := rng.IntN(customers)
+	req := order.PlaceRequest{CustomerID: fmt.Sprintf("cust-%02d", c)}
+	if rng.IntN(overLimitEvery) == 0 {
+		req.Items = []order.Item{{SKU: "piano", Quantity: 1, UnitPrice: w.limits[c] + 1}}
+	} else {
+		req.Items = []order.Item{{SKU: "tea", Quantity: 1 + rng.Int64N(3), UnitPrice: 100 + rng.Int64N(400)}}
+	}
+	cancelIt := rng.IntN(cancelEvery) == 0
+	start := time.Now()
+	w.gate.RLock()
+	svc := w.shop.Order()
+	o, err := svc.Place(ctx, req)
+	if err == nil && cancelIt {
+		if _, cerr := svc.Cancel(ctx, o.ID); cerr != nil && !errors.Is(cerr, order.ErrNotCancellable) {
+			err = cerr
 		}
 	}
-}
-
-func (d *run) collect(n int) broker.Handler {
-	d.dead = make(chan *message.Message, n)
-	return func(ctx context.Context, batch []*broker.Delivery) {
-		for _, dl := range batch {
-			select {
-			case d.dead <- dl.Msg:
-			default:
-			}
-			dl.Ack()
-		}
-	}
-}
-
-func (d *run) waitCollected(ctx context.Context) ([]*message.Message, error) {
-	select {
-	case m := <-d.dead:
-		return []*message.Message{m}, nil
-	case <-time.After(d.cfg.Timeout):
-		return nil, errors.New("no message reached the dead-letter topic")
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-}
-
-// waitForRows waits until the view holds n rows.
-func (d *run) waitForRows(ctx context.Context, n int) error {
-	timeout := time.NewTimer(d.cfg.Timeout)
-	defer timeout.Stop()
-	for {
-		got, err := d.viewRows(ctx)
-		if err != nil {
-			return err
-		}
-		if got >= n {
-			return nil
-		}
-		select {
-		case <-d.applied:
-		case <-timeout.C:
-			return fmt.Errorf("the view has %d of %d rows after %s", got, n, d.cfg.Timeout)
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-	}
-}
-
-func (d *run) viewRows(ctx context.Context) (int, error) {
-	var n int
-	err := d.view.QueryRow(ctx, "SELECT count(*) FROM order_history").Scan(&n)
-	return n, err
-}
-
-func (d *run) viewTotal(ctx context.Context) (int64, error) {
-	var n int64
-	err := d.view.QueryRow(ctx, "SELECT coalesce(sum(total_cents), 0) FROM order_history").Scan(&n)
-	return n, err
-}
-
-// countTopic reads the whole topic with a new consumer group until it has
-// seen want distinct events, then a moment longer to catch any extra, and
-// returns how many distinct events and how many deliveries it saw.
-func (d *run) countTopic(ctx context.Context, group string, want int) (distinct, deliveries int, err error) {
-	var mu sync.Mutex
-	seen := map[string]bool{}
-	delivered := 0
-	more := make(chan struct{}, 1)
-	sub, err := d.ob.Broker.Subscribe(ctx, broker.SubscribeConfig{Topic: topic, Group: group, MaxBatch: 500},
-		func(ctx context.Context, batch []*broker.Delivery) {
-			mu.Lock()
-			for _, dl := range batch {
-				seen[dl.Msg.ID] = true
-				delivered++
-				dl.Ack()
-			}
-			mu.Unlock()
-			select {
-			case more <- struct{}{}:
-			default:
-			}
-		})
+	w.gate.RUnlock()
 	if err != nil {
-		return 0, 0, err
+		return fmt.Errorf("order %d: %w", n, err)
 	}
-	defer sub.Stop(context.WithoutCancel(ctx))
-	count := func() (int, int) {
-		mu.Lock()
-		defer mu.Unlock()
-		return len(seen), delivered
-	}
-	timer := time.NewTimer(d.cfg.Timeout)
-	defer timer.Stop()
-	for n, _ := count(); n < want; n, _ = count() {
-		select {
-		case <-more:
-		case <-timer.C:
-			n, dl := count()
-			return n, dl, nil
-		case <-ctx.Done():
-			return 0, 0, ctx.Err()
+	w.placed.Add(1)
+	for {
+		w.gate.RLock()
+		svc = w.shop.Order()
+		w.gate.RUnlock()
+		actx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		got, err := svc.Await(actx, o.ID)
+		cancel()
+		if err == nil {
+			if !got.State.Ended() {
+				return fmt.Errorf("order %s: Await returned %s", o.ID, got.State)
+			}
+			break
 		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("order %s did not end: %w", o.ID, ctx.Err())
+		}
+		// Awaited through an instance that was stopped meanwhile: ask the
+		// running one.
 	}
-	// Anything beyond want (a duplicate stored in the stream) would follow
-	// in stream order right behind; give it a moment to show.
-	extra := time.NewTimer(300 * time.Millisecond)
-	defer extra.Stop()
+	d := time.Since(start)
+	w.ended.Add(1)
+	w.mu.Lock()
+	w.lat = append(w.lat, d)
+	w.orderIDs = append(w.orderIDs, o.ID)
+	w.mu.Unlock()
+	return nil
+}
+
+// progress prints a line a second until done.
+func (w *workload) progress(ctx context.Context, out io.Writer, start time.Time, done <-chan struct{}) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
 	for {
 		select {
-		case <-more:
-		case <-extra.C:
-			n, dl := count()
-			return n, dl, nil
+		case <-done:
+			return
 		case <-ctx.Done():
-			return 0, 0, ctx.Err()
+			return
+		case <-t.C:
+			tot, err := w.shop.Count(ctx)
+			if err != nil {
+				continue
+			}
+			fmt.Fprintf(out, "      %5.1fs  %5d/%d ended: %d approved, %d rejected, %d cancelled; %d in flight\n",
+				time.Since(start).Seconds(), w.ended.Load(), w.cfg.Orders, tot.Approved, tot.Rejected, tot.Cancelled, w.placed.Load()-w.ended.Load())
 		}
 	}
 }
 
-func since(t time.Time) string { return time.Since(t).Round(time.Millisecond).String() }
+// quiesce waits until the shop's invariants hold or a settling time has
+// passed without change, and returns the violations left. Every order has
+// ended when it is called; what may still travel is a choreography's
+// release of cancelled orders' credit, and duplicates.
+func (w *workload) quiesce(ctx context.Context) ([]shop.Violation, error) {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		v, err := w.shop.Check(ctx)
+		if err != nil || len(v) == 0 || time.Now().After(deadline) {
+			return v, err
+		}
+		select {
+		case <-time.After(100 * time.Millisecond):
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+func (w *workload) latencies() []time.Duration {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	s := slices.Clone(w.lat)
+	slices.Sort(s)
+	return s
+}
+
+func pct(sorted []time.Duration, q float64) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(q*float64(len(sorted))+0.5) - 1
+	return sorted[min(max(i, 0), len(sorted)-1)]
+}
+
+func ms(d time.Duration) string { return fmt.Sprintf("%.1f ms", float64(d)/1e6) }

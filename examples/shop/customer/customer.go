@@ -25,6 +25,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"sync"
+	"time"
 
 	"github.com/troupedev/troupe/broker"
 	"github.com/troupedev/troupe/examples/shop/internal/background"
@@ -103,6 +104,9 @@ type Config struct {
 	FailRate float64
 	// Seed seeds the fault injection. Default 1.
 	Seed uint64
+	// Backoff is the inbox's redelivery delay after a transient failure
+	// (inbox.Config.Backoff). Default: the inbox's.
+	Backoff func(attempt int) time.Duration
 }
 
 // Service is the Customer service on its database.
@@ -164,7 +168,7 @@ func New(db *sqldb.DB, b broker.Broker, cfg Config) (*Service, error) {
 	if s.relay, err = outbox.NewRelay(db, b, outbox.RelayConfig{Logger: cfg.Logger}); err != nil {
 		return nil, err
 	}
-	if s.ib, err = inbox.New(db, inbox.Config{AfterCommit: s.relay.Notify, Logger: cfg.Logger}); err != nil {
+	if s.ib, err = inbox.New(db, inbox.Config{AfterCommit: s.relay.Notify, Logger: cfg.Logger, Backoff: cfg.Backoff}); err != nil {
 		return nil, err
 	}
 	if s.part, err = saga.NewParticipant(s.ib, Source); err != nil {
