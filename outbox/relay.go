@@ -90,6 +90,9 @@ func (r *Relay) Run(ctx context.Context) error {
 	defer r.running.Unlock()
 
 	if err := r.ensureLeaseRows(ctx); err != nil {
+		if ctx.Err() != nil {
+			return nil // stopped before it started: not a failure
+		}
 		return err
 	}
 	ctx, cancel := context.WithCancel(ctx)
