@@ -38,7 +38,9 @@ type Config struct {
 	OrderDB, CustomerDB *sqldb.DB
 	// Broker connects them. Required.
 	Broker broker.Broker
-	// Order and Customer configure the services.
+	// Order and Customer configure the services. When the Order service
+	// runs choreographed, so does the Customer service
+	// (customer.Config.Choreographed).
 	Order    order.Config
 	Customer customer.Config
 }
@@ -81,6 +83,9 @@ func Start(ctx context.Context, cfg Config) (*Shop, error) {
 	}
 	if err := customer.Migrate(ctx, cfg.CustomerDB); err != nil {
 		return nil, fmt.Errorf("shop: migrate the Customer database: %w", err)
+	}
+	if cfg.Order.Mode == order.Choreographed {
+		cfg.Customer.Choreographed = true
 	}
 	s := &Shop{cfg: cfg}
 	if err := s.StartCustomer(ctx); err != nil {

@@ -47,6 +47,9 @@ type Set struct {
 	DBs map[string]*sqldb.DB
 	// Description says where they are, for a report.
 	Description string
+	// Names maps each service name to its PostgreSQL database's name
+	// (empty on SQLite).
+	Names map[string]string
 
 	closers []func()
 }
@@ -67,7 +70,7 @@ func Open(ctx context.Context, cfg Config, names ...string) (*Set, error) {
 	if cfg.Prefix == "" {
 		cfg.Prefix = "troupe_"
 	}
-	s := &Set{DBs: map[string]*sqldb.DB{}}
+	s := &Set{DBs: map[string]*sqldb.DB{}, Names: map[string]string{}}
 	if cfg.Postgres == "" {
 		if cfg.Dir == "" {
 			return nil, errors.New("servicedb: Dir is required for SQLite databases")
@@ -140,7 +143,7 @@ func Open(ctx context.Context, cfg Config, names ...string) (*Set, error) {
 			s.Close()
 			return nil, err
 		}
-		s.DBs[n] = db
+		s.DBs[n], s.Names[n] = db, dbName
 		s.closers = append(s.closers, func() { db.Close() })
 	}
 	what := "databases"

@@ -104,6 +104,11 @@ type Config struct {
 	FailRate float64
 	// Seed seeds the fault injection. Default 1.
 	Seed uint64
+	// Choreographed subscribes the service to the Order service's events,
+	// to which it reacts in the choreographed style. Without it the
+	// service serves only saga commands, and does not spend a transaction
+	// on each order event it would ignore. Default false.
+	Choreographed bool
 	// Backoff is the inbox's redelivery delay after a transient failure
 	// (inbox.Config.Backoff). Default: the inbox's.
 	Backoff func(attempt int) time.Duration
@@ -180,9 +185,9 @@ func New(db *sqldb.DB, b broker.Broker, cfg Config) (*Service, error) {
 	return s, nil
 }
 
-// Start serves both styles until Stop: it subscribes to CommandTopic and
-// OrderEventTopic (consumer group "customer") and relays the outbox in the
-// background.
+// Start serves until Stop: it subscribes to CommandTopic and, when
+// Config.Choreographed, OrderEventTopic (consumer group "customer"), and
+// relays the outbox in the background.
 func (s *Service) Start(ctx context.Context) error {
 	if s.bg != nil {
 		return errors.New("customer: started already")
@@ -191,12 +196,15 @@ func (s *Service) Start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	events, err := s.b.Subscribe(ctx, broker.SubscribeConfig{Topic: OrderEventTopic, Group: "customer"}, s.ib.Handler("customer-events", s.onOrderEvent))
-	if err != nil {
-		cmds.Stop(context.WithoutCancel(ctx))
-		return err
+	s.subs = []broker.Subscription{cmds}
+	if s.cfg.Choreographed {
+		events, err := s.b.Subscribe(ctx, broker.SubscribeConfig{Topic: OrderEventTopic, Group: "customer"}, s.ib.Handler("customer-events", s.onOrderEvent))
+		if err != nil {
+			cmds.Stop(context.WithoutCancel(ctx))
+			return err
+		}
+		s.subs = append(s.subs, events)
 	}
-	s.subs = []broker.Subscription{cmds, events}
 	s.bg = background.Start(ctx, s.relay.Run)
 	return nil
 }
