@@ -274,8 +274,9 @@ func (v Violation) String() string { return v.Invariant + ": " + v.Detail }
 // Check reads both databases and returns every broken invariant of a
 // quiescent shop (no order in flight):
 //
-//   - every order has ended (none PENDING) and every saga has ended
-//     (completed or compensated; none running, compensating or parked);
+//   - every order has ended (none PENDING), every saga has ended
+//     (completed or compensated; none running, compensating or parked),
+//     and every choreographed flow has ended;
 //   - each order's state matches its saga's (APPROVED ⇔ completed);
 //   - for every customer, reserved credit equals the sum of its approved
 //     orders' totals (no credit reserved twice, none leaked by a
@@ -299,6 +300,16 @@ func (s *Shop) Check(ctx context.Context) ([]Violation, error) {
 	}
 	if unfinished > 0 {
 		add("every saga ended", "%d sagas are running, compensating or parked", unfinished)
+	}
+	// Choreographed orders are tracked as flows; each must have ended too
+	// (the tracker reads the events after the fact, so a check right after
+	// the last order ended may see it a little behind).
+	var running int
+	if err := s.cfg.OrderDB.QueryRow(ctx, `SELECT count(*) FROM troupe_flows WHERE status = 'running'`).Scan(&running); err != nil {
+		return nil, err
+	}
+	if running > 0 {
+		add("every flow ended", "%d choreographed flows are still running", running)
 	}
 	var mismatched int
 	if err := s.cfg.OrderDB.QueryRow(ctx, `SELECT count(*) FROM shop_orders o JOIN troupe_sagas g ON g.id = o.id

@@ -21,6 +21,7 @@ import (
 	"github.com/troupedev/troupe/examples/shop"
 	"github.com/troupedev/troupe/examples/shop/customer"
 	"github.com/troupedev/troupe/examples/shop/order"
+	"github.com/troupedev/troupe/flow"
 	"github.com/troupedev/troupe/internal/clocktest"
 	"github.com/troupedev/troupe/internal/pgtest"
 	"github.com/troupedev/troupe/saga"
@@ -121,11 +122,23 @@ func (h *harness) await(id string) order.Order {
 	}
 }
 
+// checkInvariants checks the shop's invariants once the messages still
+// travelling after the last order ended (a choreography's release, the
+// flow tracker's copies) have arrived: it asks until they hold, and reports
+// what is broken after a minute.
 func (h *harness) checkInvariants() {
 	h.t.Helper()
-	v, err := h.shop.Check(h.ctx)
-	if err != nil {
-		h.t.Fatal(err)
+	var v []shop.Violation
+	deadline := time.Now().Add(time.Minute)
+	for {
+		var err error
+		if v, err = h.shop.Check(h.ctx); err != nil {
+			h.t.Fatal(err)
+		}
+		if len(v) == 0 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 	for _, x := range v {
 		h.t.Errorf("invariant broken: %s", x)
@@ -163,6 +176,27 @@ func TestShop_OrdersAreApprovedWithinTheCreditLimitAndRejectedBeyondIt(t *testin
 					t.Errorf("c1 has %d reserved, want 2500", r)
 				}
 				h.checkInvariants()
+				if mode == order.Choreographed {
+					// Each order is one flow, read from both services' events.
+					flows := h.shop.Order().Flows()
+					for id, want := range map[string]flow.Status{ok.ID: flow.Completed, over.ID: flow.Failed} {
+						f, err := flows.Get(h.ctx, id)
+						if err != nil {
+							t.Fatal(err)
+						}
+						hist, err := flows.History(h.ctx, id)
+						if err != nil {
+							t.Fatal(err)
+						}
+						var types []string
+						for _, e := range hist {
+							types = append(types, e.Type)
+						}
+						if f.Status != want || f.Name != order.FlowName || len(f.Services) != 2 || len(hist) != 3 {
+							t.Errorf("flow of order %s: %+v with %v, want %s across both services in 3 events", id, f, types, want)
+						}
+					}
+				}
 			})
 		}
 	}

@@ -127,6 +127,7 @@ func decodePlaceRequest(body io.Reader) (PlaceRequest, error) {
 //	GET  /orders/{id}          → 200 with the order; ?wait=5s waits (up to 30s) for it to end
 //	POST /orders/{id}/cancel   → 200 with the order; 409 if it has ended
 //	GET  /orders/{id}/saga     → the CreateOrder saga's state and history (orchestrated orders)
+//	GET  /orders/{id}/flow     → the CreateOrder flow and its events in causal order (choreographed orders)
 func (s *Service) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /orders", func(w http.ResponseWriter, r *http.Request) {
@@ -189,6 +190,20 @@ func (s *Service) Handler() http.Handler {
 			return
 		}
 		writeJSON(w, http.StatusOK, map[string]any{"saga": info, "history": hist})
+	})
+	mux.HandleFunc("GET /orders/{id}/flow", func(w http.ResponseWriter, r *http.Request) {
+		id := r.PathValue("id")
+		f, err := s.flows.Get(r.Context(), id)
+		if err != nil {
+			s.writeError(w, fmt.Errorf("%w: no flow for order %q", ErrNotFound, id))
+			return
+		}
+		hist, err := s.flows.History(r.Context(), id)
+		if err != nil {
+			s.writeError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"flow": f, "events": hist})
 	})
 	return mux
 }

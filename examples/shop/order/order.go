@@ -34,6 +34,7 @@ import (
 	"github.com/troupedev/troupe/broker"
 	"github.com/troupedev/troupe/examples/shop/customer"
 	"github.com/troupedev/troupe/examples/shop/internal/background"
+	"github.com/troupedev/troupe/flow"
 	"github.com/troupedev/troupe/inbox"
 	"github.com/troupedev/troupe/message"
 	"github.com/troupedev/troupe/outbox"
@@ -64,6 +65,8 @@ const (
 	EventCancelled = customer.OrderCancelled
 	// SagaName names the orchestrated CreateOrder saga.
 	SagaName = "shop.create-order"
+	// FlowName names the choreographed CreateOrder flow.
+	FlowName = "shop.create-order"
 )
 
 // Mode is how the service runs the CreateOrder business transaction.
@@ -166,6 +169,7 @@ type Service struct {
 	ib    *inbox.Inbox
 	orch  *saga.Orchestrator
 	def   *saga.Definition[sagaData]
+	flows *flow.Tracker
 	subs  []broker.Subscription
 	bg    *background.Group
 
@@ -200,7 +204,7 @@ CREATE INDEX shop_orders_customer ON shop_orders (customer_id, state)`,
 // Migrate creates the service's tables, with those of the saga, the
 // outbox, the inbox and the timers, in db.
 func Migrate(ctx context.Context, db *sqldb.DB) error {
-	for _, m := range []func(context.Context, *sqldb.DB) error{outbox.Migrate, inbox.Migrate, timer.Migrate, saga.Migrate} {
+	for _, m := range []func(context.Context, *sqldb.DB) error{outbox.Migrate, inbox.Migrate, timer.Migrate, saga.Migrate, flow.Migrate} {
 		if err := m(ctx, db); err != nil {
 			return err
 		}
@@ -253,8 +257,30 @@ func New(db *sqldb.DB, b broker.Broker, cfg Config) (*Service, error) {
 	if err := s.orch.Register(s.def); err != nil {
 		return nil, err
 	}
+	if s.flows, err = flow.New(db, flow.Config{Logger: cfg.Logger}); err != nil {
+		return nil, err
+	}
+	if err := s.flows.Define(createOrderFlow); err != nil {
+		return nil, err
+	}
 	return s, nil
 }
+
+// createOrderFlow reads the choreographed CreateOrder from the events of
+// both services.
+var createOrderFlow = flow.Definition{
+	Name:      FlowName,
+	Starts:    []string{EventCreated},
+	Steps:     []string{customer.CreditReserved, customer.CreditLimitExceeded, customer.CreditReleased},
+	Completes: []string{EventApproved},
+	Fails:     []string{EventRejected, EventCancelled},
+	Deadline:  time.Minute,
+}
+
+// Flows returns the tracker of choreographed CreateOrder flows (recorded
+// while the service runs choreographed), for operators: Get, List,
+// History.
+func (s *Service) Flows() *flow.Tracker { return s.flows }
 
 // Orchestrator returns the service's saga orchestrator, for operators:
 // Get, List, History, RetryTx, AbortTx.
@@ -321,6 +347,19 @@ func (s *Service) Start(ctx context.Context) error {
 		return err
 	}
 	s.subs = []broker.Subscription{replies, events}
+	if s.cfg.Mode == Choreographed {
+		// The business transaction as one flow, read from both services'
+		// events, in this service's database.
+		for _, topic := range []string{EventTopic, customer.EventTopic} {
+			sub, err := s.b.Subscribe(ctx, broker.SubscribeConfig{Topic: topic, Group: "order-flows", MaxDeliver: 100}, s.flows.Handler())
+			if err != nil {
+				background.StopAll(context.WithoutCancel(ctx), s.subs...)
+				s.subs = nil
+				return err
+			}
+			s.subs = append(s.subs, sub)
+		}
+	}
 	s.bg = background.Start(ctx, s.relay.Run, s.sched.Run)
 	return nil
 }
