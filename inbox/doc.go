@@ -20,35 +20,52 @@
 //	})
 //	sub, err := b.Subscribe(ctx, broker.SubscribeConfig{Topic: "shop.orders", Group: "billing"}, h)
 //
-// # Batches and savepoints
+// # Batches, and savepoints when a handler fails
 //
 // Throughput comes from batching: each batch the broker delivers is handled
 // in one transaction, so a batch of 100 messages costs one commit (one fsync)
-// instead of 100. Each message runs under a SAVEPOINT: a handler that fails
-// or panics has its writes, and its inbox row, rolled back to the savepoint,
-// and the rest of the batch commits. After the commit the inbox settles each
-// delivery: handled messages and duplicates are acknowledged, transient
-// failures Nak'ed with a backoff delay computed from the delivery's attempt
-// (Config.Backoff; by default exponential from 1 s to 5 min with jitter),
-// and failures wrapped with Permanent dead-lettered with the error as the
-// reason. A message that keeps failing is dead-lettered by the broker on its
-// subscription's last attempt (MaxDeliver), or by the inbox at
-// Config.MaxAttempts, which puts the last error in the reason.
+// instead of 100. The inbox claims the rows of the whole batch in one
+// INSERT, then runs each message's handler in turn in that transaction,
+// with nothing in between, and commits: on PostgreSQL a batch costs its
+// handlers' statements plus two round trips, the claim and the commit.
 //
-// The claim of the whole batch's inbox rows is one INSERT, and each message
-// costs one round trip beyond its handler's statements (RELEASE SAVEPOINT and
-// the next SAVEPOINT travel together), so on PostgreSQL a batch of 100 costs
-// about 100 round trips and one commit. On PostgreSQL each savepoint in
-// which a handler writes is a subtransaction; a transaction with more than
-// 64 of them overflows the server's per-backend subtransaction cache, which
-// can make other sessions' visibility checks slower while it runs. Batches of up to 64 messages
-// (SubscribeConfig.MaxBatch) stay clear of that.
+// A handler that fails (returns an error or panics) rolls the whole
+// transaction back, and the batch runs again in a new one where each
+// message runs under a SAVEPOINT: a handler that fails there has its
+// writes, and its inbox row, rolled back to the savepoint, and the rest of
+// the batch commits. The message that failed first is not run again in
+// that second transaction; it keeps its first error (but for PostgreSQL's
+// "current transaction is aborted", which is another handler's fault). So
+// a failing handler is called once per delivery, while a handler that
+// succeeded may be called a second time when another message of its batch
+// failed: its writes through tx are applied once, but what it does outside
+// tx (calling another service) may happen twice, as it may on any
+// redelivery. The second transaction costs one more round trip per message
+// (RELEASE SAVEPOINT and the next SAVEPOINT travel together) and, on
+// PostgreSQL, a subtransaction for each savepoint in which a handler
+// writes; more than 64 of them in one transaction overflow the server's
+// per-backend subtransaction cache, which can slow other sessions'
+// visibility checks while it runs. Batches that fail often are best kept
+// to 64 messages or fewer (SubscribeConfig.MaxBatch).
 //
-// If the commit itself fails (database down, a deferred constraint violated)
-// nothing of the batch is written, and every message is Nak'ed. A message
-// whose effect fails only at commit therefore takes its batch down with it
-// until the broker dead-letters it; keep constraints immediate in handler
-// tables, or make the subscription's batches small, where that matters.
+// After the commit the inbox settles each delivery: handled messages and
+// duplicates are acknowledged, transient failures Nak'ed with a backoff
+// delay computed from the delivery's attempt (Config.Backoff; by default
+// exponential from 1 s to 5 min with jitter), and failures wrapped with
+// Permanent dead-lettered with the error as the reason. A message that
+// keeps failing is dead-lettered by the broker on its subscription's last
+// attempt (MaxDeliver), or by the inbox at Config.MaxAttempts, which puts
+// the last error in the reason.
+//
+// A transaction whose handlers all succeeded can still fail to commit: a
+// deferred constraint is violated, or, on PostgreSQL, a handler returned
+// nil after one of its statements failed, which aborts the transaction.
+// The inbox then handles the batch's messages again one per transaction,
+// so the others commit, and the message that cannot commit alone fails
+// with the commit's error, like a transient handler error (Nak'ed, and
+// dead-lettered at Config.MaxAttempts with that error). If the database
+// cannot be reached, nothing of the batch is written and every message is
+// Nak'ed.
 //
 // # Concurrent duplicates
 //

@@ -26,34 +26,63 @@ import (
 // message to the dead-letter topic instead. A panic counts as a transient
 // error. The handler must not commit or roll back tx, and must not use tx
 // after returning.
+//
+// A handler that succeeded may be called again for the same delivery, in a
+// new transaction, when another message of its batch failed and the first
+// transaction rolled back (see Inbox.Handler): its writes through tx take
+// effect once, but effects outside tx must tolerate a repeat, as they must
+// for a redelivery.
 type HandlerFunc func(ctx context.Context, tx sqldb.Tx, m *message.Message) error
 
 // Handler returns a broker.Handler that handles each delivered message at
 // most once for consumer (use the subscription's consumer group name), by
 // calling h.
 //
-// Each batch the broker delivers runs in one database transaction:
+// Each batch the broker delivers is handled in one database transaction
+// when its handlers succeed, which is the common case:
 //
 //  1. One INSERT ... ON CONFLICT DO NOTHING RETURNING claims the inbox rows
 //     (consumer, message id, source) of the whole batch. A message whose row
 //     was there already is a duplicate: it is acknowledged and h is not
-//     called.
-//  2. Each claimed message runs under a savepoint of its own: h(ctx, tx, m),
-//     then RELEASE SAVEPOINT and a new SAVEPOINT in one round trip. On error
-//     or panic, ROLLBACK TO SAVEPOINT undoes h's writes, the message's inbox
-//     row is deleted, and the rest of the batch goes on. (A batch with a
-//     single message to handle needs no savepoint: on failure the whole
-//     transaction rolls back instead.)
-//  3. After the last message, COMMIT. Then the handled messages and the
-//     duplicates are acknowledged, those that failed with a transient error
-//     are Nak'ed with Config.Backoff's delay for their attempt (or
-//     dead-lettered once they reach Config.MaxAttempts), and those that
-//     failed with a Permanent error are dead-lettered with the error as
-//     the reason.
+//     called. So is a second copy of a message within the batch; the first
+//     copy decides the message's fate.
+//  2. h(ctx, tx, m) runs for each claimed message in turn, all in the
+//     batch's transaction, with nothing between them: the batch costs its
+//     handlers' statements, the claim and one commit.
+//  3. COMMIT, then every message of the batch is acknowledged.
 //
-// If the transaction cannot commit (the database is down, a deferred
-// constraint fails) or becomes unusable, nothing of the batch is written and
-// every message of it is Nak'ed with its backoff delay.
+// When a handler fails (returns an error or panics), the transaction rolls
+// back whole and the batch runs again in a new transaction, in which each
+// message runs under a SAVEPOINT of its own (RELEASE SAVEPOINT and the next
+// SAVEPOINT travel in one round trip). There, a handler that fails has its
+// writes rolled back to its savepoint and its inbox row deleted, and the
+// rest of the batch goes on. The message whose handler failed in the first
+// run is not run again: it keeps that run's error. (Except when the error
+// is PostgreSQL's SQLSTATE 25P02, "current transaction is aborted": it
+// blames an earlier handler that went on after one of its statements
+// failed, so the message runs again.) A batch with a single message to
+// handle needs no second run: its rollback loses nothing else.
+//
+// After the commit, handled messages and duplicates are acknowledged,
+// those that failed with a transient error are Nak'ed with Config.Backoff's
+// delay for their attempt (or dead-lettered once they reach
+// Config.MaxAttempts), and those that failed with a Permanent error are
+// dead-lettered with the error as the reason.
+//
+// A handler therefore runs once per delivery when it fails, and may run a
+// second time when it succeeded but another handler of its batch failed.
+// Its writes through tx are applied once: the first run's were rolled
+// back. Effects outside tx (a call to another service, a log line) may
+// happen twice, as they may on any redelivery.
+//
+// If the transaction applies but cannot commit (a deferred constraint
+// fails; on PostgreSQL, a handler returned nil after one of its statements
+// failed, which aborts the transaction), each message still to handle runs
+// again alone, in a transaction of its own, so that one message that
+// cannot commit does not take the others down with it: its commit's error
+// counts as a transient failure of that message. If the database cannot be
+// reached, or ctx ends, nothing of the batch is written and every message
+// of it is Nak'ed with its backoff delay.
 //
 // Handler panics if consumer is empty or h is nil.
 func (ib *Inbox) Handler(consumer string, h HandlerFunc) broker.Handler {
@@ -68,57 +97,192 @@ func (ib *Inbox) Handler(consumer string, h HandlerFunc) broker.Handler {
 	}
 }
 
-// outcome is what became of one message of a batch inside the transaction.
+// outcome is what became of one message of a batch.
 type outcome int
 
 const (
 	handled outcome = iota + 1
 	duplicate
-	failed    // transient: retry
-	poisonous // permanent: dead-letter
+	failed       // transient: retry, or dead-letter at MaxAttempts
+	poisonous    // permanent: dead-letter
+	notCommitted // the batch could not be written: retry
 )
 
+// result is the outcome of one delivery of a batch, with the handler's
+// error for failed and poisonous.
+type result struct {
+	outcome outcome
+	err     error
+}
+
 func (ib *Inbox) handleBatch(ctx context.Context, consumer string, h HandlerFunc, batch []*broker.Delivery) {
-	outcomes := make([]outcome, len(batch))
-	errs := make([]error, len(batch))
-	txErr := ib.db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
-		for i, d := range batch {
-			if d.Msg == nil || d.Msg.ID == "" {
-				outcomes[i], errs[i] = poisonous, errors.New("inbox: message has no id")
-			}
+	// Decided before any transaction: messages without an id, and second
+	// copies of a message.
+	pre := make([]result, len(batch))
+	first := make(map[msgKey]bool, len(batch))
+	for i, d := range batch {
+		if d.Msg == nil || d.Msg.ID == "" {
+			pre[i] = result{poisonous, errors.New("inbox: message has no id")}
+			continue
 		}
-		claimed, err := ib.claimBatch(ctx, tx, consumer, batch, outcomes)
+		if k := keyOf(d); first[k] {
+			pre[i].outcome = duplicate
+		} else {
+			first[k] = true
+		}
+	}
+	res := ib.handle(ctx, consumer, h, batch, pre)
+	if ib.cfg.AfterCommit != nil && slices.ContainsFunc(res, func(r result) bool { return r.outcome == handled }) {
+		ib.cfg.AfterCommit()
+	}
+	for i, d := range batch {
+		switch r := res[i]; r.outcome {
+		case handled, duplicate:
+			d.Ack()
+		case poisonous:
+			d.DeadLetter(r.err.Error())
+		case failed:
+			if ib.cfg.MaxAttempts > 0 && d.Attempt >= ib.cfg.MaxAttempts {
+				d.DeadLetter(fmt.Sprintf("%v (attempt %d of %d)", r.err, d.Attempt, ib.cfg.MaxAttempts))
+				continue
+			}
+			d.Nak(ib.cfg.Backoff(d.Attempt))
+		default:
+			d.Nak(ib.cfg.Backoff(d.Attempt))
+		}
+	}
+}
+
+// handle runs the batch's messages that pre leaves undecided, and returns
+// every delivery's result: the first run without savepoints, the second
+// with them if a handler failed, and one transaction per message if the
+// batch's transaction cannot commit.
+func (ib *Inbox) handle(ctx context.Context, consumer string, h HandlerFunc, batch []*broker.Delivery, pre []result) []result {
+	res, err := ib.run(ctx, consumer, h, batch, pre, false)
+	if hf := (*handlerFailure)(nil); errors.As(err, &hf) {
+		pre = slices.Clone(pre)
+		if abortedBefore(hf.err) {
+			ib.cfg.Logger.Info("inbox: a handler found the transaction aborted by an earlier one; running the batch again with savepoints",
+				"consumer", consumer, "id", batch[hf.i].Msg.ID, "err", hf.err)
+		} else {
+			pre[hf.i] = ib.classify(consumer, batch[hf.i], hf.err)
+		}
+		res, err = ib.run(ctx, consumer, h, batch, pre, true)
+	}
+	if cf := (*commitFailure)(nil); errors.As(err, &cf) && ctx.Err() == nil {
+		return ib.isolate(ctx, consumer, h, batch, pre, cf.err)
+	}
+	if err != nil {
+		ib.cfg.Logger.Error("inbox: batch not committed; its messages will be redelivered",
+			"consumer", consumer, "messages", len(batch), "err", err)
+		return undecidedNotCommitted(pre)
+	}
+	return res
+}
+
+// isolate handles, each in a transaction of its own, the messages still to
+// handle of a batch whose transaction applied but could not commit (with
+// cause). A message that cannot commit alone fails with its commit's error.
+// Once a transaction fails otherwise (the database is unreachable, ctx has
+// ended), the remaining messages are not tried: they are not committed.
+func (ib *Inbox) isolate(ctx context.Context, consumer string, h HandlerFunc, batch []*broker.Delivery, pre []result, cause error) []result {
+	ib.cfg.Logger.Warn("inbox: batch applied but not committed; handling its messages one per transaction",
+		"consumer", consumer, "messages", len(batch), "err", cause)
+	res := slices.Clone(pre)
+	for i, d := range batch {
+		if res[i].outcome != 0 {
+			continue
+		}
+		one, err := ib.run(ctx, consumer, h, batch[i:i+1], pre[i:i+1], false)
+		if cf := (*commitFailure)(nil); errors.As(err, &cf) && ctx.Err() == nil {
+			res[i] = ib.classify(consumer, d, cf.err)
+			continue
+		}
+		if err != nil {
+			ib.cfg.Logger.Error("inbox: the batch's remaining messages not committed; they will be redelivered",
+				"consumer", consumer, "id", d.Msg.ID, "err", err)
+			return undecidedNotCommitted(res)
+		}
+		res[i] = one[0]
+	}
+	return res
+}
+
+// undecidedNotCommitted returns res with every undecided result set to
+// notCommitted.
+func undecidedNotCommitted(res []result) []result {
+	out := slices.Clone(res)
+	for i := range out {
+		if out[i].outcome == 0 {
+			out[i].outcome = notCommitted
+		}
+	}
+	return out
+}
+
+// handlerFailure ends a run without savepoints: the handler of the batch's
+// i-th message failed with err, and the transaction rolled back.
+type handlerFailure struct {
+	i   int
+	err error
+}
+
+func (e *handlerFailure) Error() string { return "handler failed: " + e.err.Error() }
+
+// commitFailure ends a run whose handlers all ran, yet whose transaction did
+// not commit.
+type commitFailure struct{ err error }
+
+func (e *commitFailure) Error() string { return e.err.Error() }
+func (e *commitFailure) Unwrap() error { return e.err }
+
+// errAloneFailed rolls back the transaction of a run whose only message to
+// handle failed; the run's results are final, as nothing else was written.
+var errAloneFailed = errors.New("inbox: the batch's only message to handle failed")
+
+// run handles, in one transaction, the messages of batch whose result pre
+// leaves undecided, and returns every delivery's result once it commits.
+// Without savepoints, the first handler that fails ends the transaction with
+// a *handlerFailure, unless it is the only message to handle: its failure
+// is then its result. With savepoints, each message with others to handle
+// runs under a savepoint and a failure undoes that message alone. A
+// transaction whose handlers all ran but that did not commit ends with a
+// *commitFailure; any other error means nothing was applied.
+func (ib *Inbox) run(ctx context.Context, consumer string, h HandlerFunc, batch []*broker.Delivery, pre []result, savepoints bool) ([]result, error) {
+	var res []result
+	applied := false
+	err := ib.db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+		res = slices.Clone(pre)
+		claimed, err := ib.claimBatch(ctx, tx, consumer, batch, res)
 		if err != nil {
 			return err
 		}
-		// A batch with one message to handle (the common case at low load)
-		// needs no savepoint: if its handler fails, the whole transaction
-		// rolls back, which loses nothing else.
-		solo, soloFailed := len(claimed) == 1, false
-		inSavepoint := false
+		alone := len(claimed) == 1
+		inSavepoint, aloneFailed := false, false
 		for i, d := range batch {
-			if outcomes[i] != 0 {
+			if res[i].outcome != 0 {
 				continue
 			}
-			k := msgKey{d.Msg.ID, d.Msg.Source}
-			if !claimed[k] {
-				outcomes[i] = duplicate
+			if !claimed[keyOf(d)] {
+				res[i].outcome = duplicate
 				continue
 			}
-			delete(claimed, k) // a second copy in this batch is a duplicate
 			if err := ctx.Err(); err != nil {
 				return err // stopping: the whole batch comes back later
 			}
-			if solo {
-				herr := ib.call(message.WithCause(ctx, d.Msg), tx, consumer, h, d)
-				if herr == nil {
-					outcomes[i] = handled
-					continue
+			mctx := message.WithCause(ctx, d.Msg)
+			if alone || !savepoints {
+				herr := ib.call(mctx, tx, consumer, h, d)
+				switch {
+				case herr == nil:
+					res[i].outcome = handled
+				case alone:
+					// Roll back at the end: the batch's other messages are
+					// still to be marked as duplicates.
+					res[i], aloneFailed = ib.classify(consumer, d, herr), true
+				default:
+					return &handlerFailure{i: i, err: herr}
 				}
-				// Roll back at the end; the batch's other messages are
-				// duplicates still to be marked as such.
-				outcomes[i], errs[i] = ib.classify(consumer, d, herr)
-				soloFailed = true
 				continue
 			}
 			if !inSavepoint {
@@ -127,13 +291,13 @@ func (ib *Inbox) handleBatch(ctx context.Context, consumer string, h HandlerFunc
 				}
 				inSavepoint = true
 			}
-			herr := ib.call(message.WithCause(ctx, d.Msg), tx, consumer, h, d)
+			herr := ib.call(mctx, tx, consumer, h, d)
 			if herr == nil {
 				// Keep this message's writes, and mark the start of the next
 				// one's, in one round trip.
 				_, err := tx.Exec(ctx, "RELEASE SAVEPOINT troupe_inbox; SAVEPOINT troupe_inbox")
 				if err == nil {
-					outcomes[i] = handled
+					res[i].outcome = handled
 					continue
 				}
 				// On PostgreSQL: a statement of the handler failed, and the
@@ -143,77 +307,67 @@ func (ib *Inbox) handleBatch(ctx context.Context, consumer string, h HandlerFunc
 			if err := ib.undo(ctx, tx, consumer, d.Msg); err != nil {
 				return fmt.Errorf("inbox: undo message %q after %v: %w", d.Msg.ID, herr, err)
 			}
-			outcomes[i], errs[i] = ib.classify(consumer, d, herr)
+			res[i] = ib.classify(consumer, d, herr)
 		}
-		if soloFailed {
-			return errSoloFailed
+		if aloneFailed {
+			return errAloneFailed
 		}
+		applied = true
 		return nil
 	})
-	if txErr != nil && !errors.Is(txErr, errSoloFailed) {
-		ib.cfg.Logger.Error("inbox: batch not committed; every message of it will be redelivered",
-			"consumer", consumer, "messages", len(batch), "err", txErr)
-		for _, d := range batch {
-			d.Nak(ib.cfg.Backoff(d.Attempt))
-		}
-		return
-	}
-	if ib.cfg.AfterCommit != nil && slices.Contains(outcomes, handled) {
-		ib.cfg.AfterCommit()
-	}
-	for i, d := range batch {
-		switch outcomes[i] {
-		case handled, duplicate:
-			d.Ack()
-		case poisonous:
-			d.DeadLetter(errs[i].Error())
-		case failed:
-			if ib.cfg.MaxAttempts > 0 && d.Attempt >= ib.cfg.MaxAttempts {
-				d.DeadLetter(fmt.Sprintf("%v (attempt %d of %d)", errs[i], d.Attempt, ib.cfg.MaxAttempts))
-				continue
-			}
-			d.Nak(ib.cfg.Backoff(d.Attempt))
-		}
+	switch {
+	case err == nil || errors.Is(err, errAloneFailed):
+		return res, nil
+	case applied:
+		return nil, &commitFailure{err: err}
+	default:
+		return nil, err
 	}
 }
 
-// errSoloFailed rolls back the transaction of a batch whose only message to
-// handle failed; its outcome is set, and the batch is settled as usual.
-var errSoloFailed = errors.New("inbox: the batch's only message failed")
+// abortedBefore reports whether a handler's error is PostgreSQL's refusal
+// to run statements in a transaction that an earlier statement's failure
+// aborted (SQLSTATE 25P02, in_failed_sql_transaction).
+func abortedBefore(err error) bool {
+	var coded interface{ SQLState() string }
+	return errors.As(err, &coded) && coded.SQLState() == "25P02"
+}
 
-// classify returns the outcome of a message whose handler failed with herr,
+// classify returns the result of a message whose handler failed with herr,
 // and logs it.
-func (ib *Inbox) classify(consumer string, d *broker.Delivery, herr error) (outcome, error) {
+func (ib *Inbox) classify(consumer string, d *broker.Delivery, herr error) result {
 	if errors.Is(herr, ErrPermanent) || errors.Is(herr, message.ErrMalformed) {
 		ib.cfg.Logger.Warn("inbox: handler failed permanently; dead-lettering the message",
 			"consumer", consumer, "id", d.Msg.ID, "attempt", d.Attempt, "err", herr)
-		return poisonous, herr
+		return result{poisonous, herr}
 	}
 	ib.cfg.Logger.Warn("inbox: handler failed; the message will be redelivered",
 		"consumer", consumer, "id", d.Msg.ID, "attempt", d.Attempt, "err", herr)
-	return failed, herr
+	return result{failed, herr}
 }
 
 // msgKey identifies a message, as CloudEvents does.
 type msgKey struct{ id, source string }
 
+func keyOf(d *broker.Delivery) msgKey { return msgKey{d.Msg.ID, d.Msg.Source} }
+
 // claimRows is the most inbox rows one INSERT claims, well below SQLite's
 // limit on parameters.
 const claimRows = 500
 
-// claimBatch inserts the inbox rows of the batch's messages whose outcome is
+// claimBatch inserts the inbox rows of the batch's messages whose result is
 // not decided yet, in a few statements, and returns the keys it inserted:
 // the others are duplicates. Rows go in in key order, so two transactions
 // claiming overlapping batches on PostgreSQL wait for each other instead of
 // deadlocking.
-func (ib *Inbox) claimBatch(ctx context.Context, tx sqldb.Tx, consumer string, batch []*broker.Delivery, outcomes []outcome) (map[msgKey]bool, error) {
+func (ib *Inbox) claimBatch(ctx context.Context, tx sqldb.Tx, consumer string, batch []*broker.Delivery, res []result) (map[msgKey]bool, error) {
 	keys := make([]msgKey, 0, len(batch))
 	seen := make(map[msgKey]bool, len(batch))
 	for i, d := range batch {
-		if outcomes[i] != 0 {
+		if res[i].outcome != 0 {
 			continue
 		}
-		if k := (msgKey{d.Msg.ID, d.Msg.Source}); !seen[k] {
+		if k := keyOf(d); !seen[k] {
 			seen[k] = true
 			keys = append(keys, k)
 		}

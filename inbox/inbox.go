@@ -80,8 +80,8 @@ type Config struct {
 	// Default: discard.
 	Logger *slog.Logger
 
-	// AfterCommit, when set, is called after each batch transaction of
-	// Handler that handled at least one message has committed. Set it to
+	// AfterCommit, when set, is called once after each batch of Handler
+	// whose transactions committed at least one handled message. Set it to
 	// the outbox relay's Notify, so that the messages handlers wrote leave
 	// at once instead of at the relay's next poll. It must not block.
 	AfterCommit func()

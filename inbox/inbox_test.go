@@ -593,55 +593,6 @@ func TestHandler_HandlerThatSwallowsASQLErrorHasItsMessageRetried(t *testing.T) 
 	})
 }
 
-func TestHandler_BatchWhoseCommitFailsIsNakedWithNoEffect(t *testing.T) {
-	forEachDB(t, func(t *testing.T, db testDB) {
-		ctx := context.Background()
-		// A deferred foreign key is checked only at commit.
-		for _, q := range []string{
-			`CREATE TABLE parents (id TEXT PRIMARY KEY)`,
-			`CREATE TABLE children (parent_id TEXT NOT NULL REFERENCES parents (id) DEFERRABLE INITIALLY DEFERRED)`,
-		} {
-			if _, err := db.Exec(ctx, q); err != nil {
-				t.Fatal(err)
-			}
-		}
-		ib := newInbox(t, db.DB, inbox.Config{Backoff: fixedBackoff.Delay})
-		msgs := newMessages(5)
-		h := ib.Handler("billing", func(ctx context.Context, tx sqldb.Tx, m *message.Message) error {
-			if err := applyEffect(ctx, tx, "billing", m); err != nil {
-				return err
-			}
-			if m.ID == msgs[3].ID {
-				_, err := tx.Exec(ctx, `INSERT INTO children (parent_id) VALUES ('missing')`)
-				return err
-			}
-			return nil
-		})
-		ds := deliveries(2, msgs...)
-		h(ctx, ds)
-		for i, d := range ds {
-			if got, want := settlement(d), (settled{broker.Naked, 150 * time.Millisecond, ""}); got != want {
-				t.Errorf("message %d settled %+v, want %+v", i, got, want)
-			}
-		}
-		if got := effects(t, db.DB); len(got) != 0 {
-			t.Errorf("effects of %d messages visible after the failed commit, want none", len(got))
-		}
-		if got := inboxRows(t, db.DB); len(got) != 0 {
-			t.Errorf("%d inbox rows visible after the failed commit, want none", len(got))
-		}
-
-		// The database is usable afterwards: the batch without the culprit
-		// commits.
-		ok := deliveries(3, msgs[0], msgs[1], msgs[2], msgs[4])
-		h(ctx, ok)
-		wantAllSettled(t, ok, broker.Acked)
-		if got := effects(t, db.DB); len(got) != 4 {
-			t.Errorf("effects of %d messages after the retry, want 4", len(got))
-		}
-	})
-}
-
 func TestHandler_BatchIsNakedWhenTheDatabaseIsClosed(t *testing.T) {
 	forEachDB(t, func(t *testing.T, db testDB) {
 		ctx := context.Background()
