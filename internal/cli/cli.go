@@ -8,7 +8,9 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os"
 	"runtime/debug"
+	"runtime/pprof"
 	"sort"
 	"strings"
 	"time"
@@ -132,6 +134,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&cfg.Rate, "rate", 0, "operations per second offered across all workers (0: as fast as possible); latency then counts from when each batch was due")
 	fs.StringVar(&cfg.DataDir, "data-dir", "", "directory for the benchmark's files (default: a temporary directory)")
 	fs.BoolVar(&asJSON, "json", false, "print the result as one JSON object on the last line")
+	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the run (this process: the services and clients, not the database server) to this file")
 	var timerOpts bench.TimerOptions
 	if b.Name == "timer" {
 		fs.IntVar(&timerOpts.Pending, "pending", 0, "timers loaded before the schedulers start (default 100000 with --mode drain, 1000000 with --mode steady)")
@@ -147,6 +150,17 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
 	}
 	cfg.Progress = stderr
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
+	}
 	res, err := bench.Run(ctx, b, cfg)
 	if err != nil {
 		return err

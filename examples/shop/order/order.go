@@ -28,6 +28,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -152,6 +154,11 @@ type Config struct {
 	// MaxAttempts is how many times the saga sends a command before it
 	// gives up (and compensates). Default 3.
 	MaxAttempts int
+	// Consumers is how many subscriptions of the consumer group handle
+	// replies and events at once. Transitions of one saga are serialized
+	// by its row lock; different sagas' run in parallel. Default 4 on
+	// PostgreSQL, 1 on SQLite (whose write transactions take turns).
+	Consumers int
 	// Clock drives the saga's deadlines. Default: the system clock.
 	Clock timer.Clock
 	// Logger receives the service's errors. Default: discard.
@@ -232,6 +239,12 @@ func New(db *sqldb.DB, b broker.Broker, cfg Config) (*Service, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Consumers <= 0 {
+		cfg.Consumers = 1
+		if db.Dialect() == sqldb.Postgres {
+			cfg.Consumers = 4
+		}
 	}
 	s := &Service{db: db, b: b, cfg: cfg, waiters: waiters{m: map[string][]chan struct{}{}}}
 	var err error
@@ -337,16 +350,26 @@ func (s *Service) Start(ctx context.Context) error {
 	if s.bg != nil {
 		return errors.New("order: started already")
 	}
-	replies, err := s.b.Subscribe(ctx, broker.SubscribeConfig{Topic: ReplyTopic, Group: "order"}, s.waking(s.orch.Handler("order")))
-	if err != nil {
-		return err
+	subscribe := func(topic, group string, h broker.Handler) error {
+		sub, err := s.b.Subscribe(ctx, broker.SubscribeConfig{Topic: topic, Group: group}, h)
+		if err != nil {
+			background.StopAll(context.WithoutCancel(ctx), s.subs...)
+			s.subs = nil
+			return err
+		}
+		s.subs = append(s.subs, sub)
+		return nil
 	}
-	events, err := s.b.Subscribe(ctx, broker.SubscribeConfig{Topic: customer.EventTopic, Group: "order"}, s.waking(s.ib.Handler("order-customer-events", s.onCustomerEvent)))
-	if err != nil {
-		replies.Stop(context.WithoutCancel(ctx))
-		return err
+	replies := s.waking(s.orch.Handler("order"))
+	events := s.waking(s.ib.Handler("order-customer-events", s.onCustomerEvent))
+	for range s.cfg.Consumers {
+		if err := subscribe(ReplyTopic, "order", replies); err != nil {
+			return err
+		}
+		if err := subscribe(customer.EventTopic, "order", events); err != nil {
+			return err
+		}
 	}
-	s.subs = []broker.Subscription{replies, events}
 	if s.cfg.Mode == Choreographed {
 		// The business transaction as one flow, read from both services'
 		// events, in this service's database.
@@ -376,10 +399,16 @@ func (s *Service) Stop(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// waking wakes the callers awaiting the orders a batch concerned, after
-// the batch's transaction committed (h has returned).
+// waking handles a batch in the order of its orders' ids, so that two
+// consumers whose batches concern the same orders lock their rows in the
+// same order instead of deadlocking, then wakes the callers awaiting those
+// orders, after the batch's transaction committed (h has returned). Each
+// order's messages keep their order: the sort is stable.
 func (s *Service) waking(h broker.Handler) broker.Handler {
 	return func(ctx context.Context, batch []*broker.Delivery) {
+		slices.SortStableFunc(batch, func(a, b *broker.Delivery) int {
+			return strings.Compare(correlation(a), correlation(b))
+		})
 		h(ctx, batch)
 		for _, d := range batch {
 			if d.Msg != nil {
@@ -557,6 +586,13 @@ func (s *Service) onCustomerEvent(ctx context.Context, tx sqldb.Tx, m *message.M
 	default:
 		return s.end(ctx, tx, o.ID, Approved, "")
 	}
+}
+
+func correlation(d *broker.Delivery) string {
+	if d.Msg == nil {
+		return ""
+	}
+	return d.Msg.CorrelationID
 }
 
 // waiters are the callers of Await, by order id.
