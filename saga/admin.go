@@ -21,13 +21,16 @@ var ErrNotParked = errors.New("saga: the saga is not parked")
 type HistoryEntry struct {
 	// Seq orders a saga's entries, from 1.
 	Seq int
-	// Step and Op name the step and side, when the entry concerns one.
+	// Step and Op name the step and side, when the entry concerns one. An
+	// entry of a parallel group's branch names the branch (names are
+	// unique across a saga's steps and branches).
 	Step, Op string
 	// Attempt is the command's send count, for command steps.
 	Attempt int
 	// Event is what happened: started, sent, done, refused, failed,
-	// deadline, ignored-reply, completed, compensated, parked-retried,
-	// aborted.
+	// deadline, abandoned (a group's branch compensated without awaiting
+	// its action's answer), ignored-reply, completed, compensated,
+	// parked-retried, aborted.
 	Event string
 	// Detail adds the reason or the command's message id.
 	Detail string
@@ -83,16 +86,21 @@ func (o *Orchestrator) List(ctx context.Context, status Status, limit int) ([]In
 
 // RetryTx resumes a parked saga's compensation in tx: the compensation that
 // failed is tried again (a command is sent once more, with a new deadline;
-// a local compensation runs again), then the saga goes on compensating.
+// an HTTP compensation is called again; a local compensation runs again;
+// in a parallel group, every branch compensation not yet done is sent
+// again), then the saga goes on compensating.
 func (o *Orchestrator) RetryTx(ctx context.Context, tx sqldb.Tx, id string) error {
 	in, def, err := o.parked(ctx, tx, id)
 	if err != nil {
 		return err
 	}
 	in.status, in.awaiting = Compensating, ""
-	if err := o.record(in, "", "", 0, "parked-retried", in.reason); err != nil {
-		return err
+	for _, bs := range in.branches {
+		if bs.Status == branchUndoing {
+			bs.Status = branchDue // sent again, as the next attempt
+		}
 	}
+	o.record(in, "", "", 0, "parked-retried", in.reason)
 	return o.advance(ctx, tx, def, in)
 }
 
@@ -105,9 +113,7 @@ func (o *Orchestrator) AbortTx(ctx context.Context, tx sqldb.Tx, id, reason stri
 	}
 	in.status = Aborted
 	in.reason = in.reason + "; aborted: " + reason
-	if err := o.record(in, "", "", 0, "aborted", reason); err != nil {
-		return err
-	}
+	o.record(in, "", "", 0, "aborted", reason)
 	return o.save(ctx, tx, in)
 }
 

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/url"
 	"time"
 
 	"github.com/troupedev/troupe/sqldb"
@@ -43,11 +44,20 @@ type Definition[D any] struct {
 }
 
 // A Step is one local transaction of the saga, with its compensation. It is
-// either local (Local set: it runs in the orchestrator's own database, in
-// the transition's transaction) or a command (Topic and Command set: it is
-// sent to a Participant over the broker and its reply awaited).
+// one of:
+//
+//   - local (Local set): it runs in the orchestrator's own database, in the
+//     transition's transaction;
+//   - a command (Topic and Command set): it is sent to a Participant over
+//     the broker and its reply awaited;
+//   - an HTTP call (URL set): the orchestrator POSTs to the participant, in
+//     any language, and the response is the reply (see the package
+//     documentation for the protocol);
+//   - a parallel group (Parallel set): its branches, ordinary steps of the
+//     three kinds above, run at once, and the group is done when all are.
 type Step[D any] struct {
-	// Name identifies the step within its saga. Required.
+	// Name identifies the step within its saga: unique among all its steps
+	// and branches. Required.
 	Name string
 
 	// Local runs a local step. Return Refuse(err) for a business refusal:
@@ -62,19 +72,41 @@ type Step[D any] struct {
 	// Command is the command type; the participant handles its action and
 	// its compensation (Participant.Handle).
 	Command string
-	// Input is the command's data, made from the saga's (nil: none).
+
+	// URL is where an HTTP step's action is POSTed (an absolute http or
+	// https URL), and its compensation too unless CompensationURL is set:
+	// the header Troupe-Saga-Op tells the side.
+	URL string
+	// CompensationURL is where an HTTP step's compensation is POSTed.
+	// Default: URL.
+	CompensationURL string
+
+	// Input is the command's data (the HTTP request's JSON body), made from
+	// the saga's (nil: none).
 	Input func(data *D) any
-	// OnReply reads a successful action's reply into the saga's data (nil:
-	// the reply's data is ignored).
+	// OnReply reads a successful action's reply (for an HTTP step: the
+	// response body) into the saga's data (nil: the reply's data is
+	// ignored). The OnReply of concurrent branches of a group each update
+	// the saga's data, one reply at a time: every transition holds the
+	// saga's row lock.
 	OnReply func(data *D, reply *ReplyMsg) error
-	// Deadline is how long to await a reply before sending the command
-	// again. Default 30 s.
+	// Deadline is how long to await a command's reply before sending the
+	// command again; for an HTTP step, how long one side may take in all,
+	// its retried calls included, before it counts as failed. Default 30 s.
 	Deadline time.Duration
 	// MaxAttempts caps the sends of a command. When the last one gets no
 	// reply by its deadline, an action counts as failed (the saga
-	// compensates) and a compensation parks the saga for an operator.
-	// Default 3.
+	// compensates) and a compensation parks the saga for an operator. For
+	// an HTTP step it caps the calls of one side: transient failures (a
+	// network error, 408, 425, 429, 5xx) are retried with the timer
+	// scheduler's backoff until then. Default 3.
 	MaxAttempts int
+
+	// Parallel makes the step a group of branches that run at once (fork)
+	// and complete together (join). A group has two or more branches, each
+	// a local, command or HTTP step (not a group), and nothing else of its
+	// own. See the package documentation for how a group compensates.
+	Parallel []Step[D]
 }
 
 // refusal marks a local step's business refusal.
@@ -103,18 +135,41 @@ type definition struct {
 }
 
 type step struct {
-	name        string
-	local       func(ctx context.Context, tx sqldb.Tx, id string, data []byte) ([]byte, error)
-	undoLocal   func(ctx context.Context, tx sqldb.Tx, id string, data []byte) ([]byte, error)
-	topic       string
-	command     string
-	input       func(data []byte) (any, error)
-	onReply     func(data []byte, r *ReplyMsg) ([]byte, error)
-	deadline    time.Duration
-	maxAttempts int
+	name            string
+	local           func(ctx context.Context, tx sqldb.Tx, id string, data []byte) ([]byte, error)
+	undoLocal       func(ctx context.Context, tx sqldb.Tx, id string, data []byte) ([]byte, error)
+	topic           string
+	command         string
+	url             string
+	compensationURL string
+	input           func(data []byte) (any, error)
+	onReply         func(data []byte, r *ReplyMsg) ([]byte, error)
+	deadline        time.Duration
+	maxAttempts     int
+	branches        []step // a parallel group's
 }
 
 func (s step) isLocal() bool { return s.local != nil }
+func (s step) isHTTP() bool  { return s.url != "" }
+func (s step) isGroup() bool { return len(s.branches) > 0 }
+
+// urlFor returns the URL an HTTP step's side is POSTed to.
+func (s step) urlFor(op Op) string {
+	if op == Compensation && s.compensationURL != "" {
+		return s.compensationURL
+	}
+	return s.url
+}
+
+// branch returns the group's branch named name.
+func (s step) branch(name string) (step, bool) {
+	for _, b := range s.branches {
+		if b.name == name {
+			return b, true
+		}
+	}
+	return step{}, false
+}
 
 // registration is what Register accepts: a *Definition of any data type.
 type registration interface {
@@ -151,57 +206,24 @@ func (def *Definition[D]) erase() (*definition, error) {
 	}
 	seen := map[string]bool{}
 	for i, s := range def.Steps {
-		if s.Name == "" {
-			errs = append(errs, fmt.Errorf("step %d has no Name", i))
-		}
-		if seen[s.Name] {
-			errs = append(errs, fmt.Errorf("step %q appears twice", s.Name))
-		}
-		seen[s.Name] = true
-		local, command := s.Local != nil, s.Topic != "" || s.Command != ""
-		switch {
-		case local && command:
-			errs = append(errs, fmt.Errorf("step %q is both local and a command", s.Name))
-		case !local && !command:
-			errs = append(errs, fmt.Errorf("step %q has neither Local nor Topic and Command", s.Name))
-		case command && (s.Topic == "" || s.Command == ""):
-			errs = append(errs, fmt.Errorf("step %q needs both Topic and Command", s.Name))
-		case local && (s.Input != nil || s.OnReply != nil):
-			errs = append(errs, fmt.Errorf("step %q is local: Input and OnReply apply to commands", s.Name))
-		}
-		if s.Deadline < 0 || s.MaxAttempts < 0 {
-			errs = append(errs, fmt.Errorf("step %q: negative Deadline or MaxAttempts", s.Name))
-		}
-		st := step{name: s.Name, topic: s.Topic, command: s.Command, deadline: s.Deadline, maxAttempts: s.MaxAttempts}
-		if st.deadline == 0 {
-			st.deadline = DefaultDeadline
-		}
-		if st.maxAttempts == 0 {
-			st.maxAttempts = DefaultMaxAttempts
-		}
-		if s.Local != nil {
-			st.local = func(ctx context.Context, tx sqldb.Tx, id string, data []byte) ([]byte, error) {
-				return withData(data, func(d *D) error { return s.Local(ctx, tx, id, d) })
+		st, serrs := eraseStep(s, fmt.Sprintf("step %d", i), seen)
+		errs = append(errs, serrs...)
+		if len(s.Parallel) > 0 {
+			if s.Local != nil || s.UndoLocal != nil || s.Topic != "" || s.Command != "" || s.URL != "" || s.CompensationURL != "" ||
+				s.Input != nil || s.OnReply != nil || s.Deadline != 0 || s.MaxAttempts != 0 {
+				errs = append(errs, fmt.Errorf("group %q has a transport or settings of its own: set them on its branches", s.Name))
 			}
-		}
-		if s.UndoLocal != nil {
-			st.undoLocal = func(ctx context.Context, tx sqldb.Tx, id string, data []byte) ([]byte, error) {
-				return withData(data, func(d *D) error { return s.UndoLocal(ctx, tx, id, d) })
+			if len(s.Parallel) < 2 {
+				errs = append(errs, fmt.Errorf("group %q has %d branch: a group needs two or more", s.Name, len(s.Parallel)))
 			}
-		}
-		st.input = func(data []byte) (any, error) {
-			var in any
-			_, err := withData(data, func(d *D) error {
-				if s.Input != nil {
-					in = s.Input(d)
+			for j, b := range s.Parallel {
+				if len(b.Parallel) > 0 {
+					errs = append(errs, fmt.Errorf("group %q: branch %q is a group: groups do not nest", s.Name, b.Name))
+					continue
 				}
-				return nil
-			})
-			return in, err
-		}
-		if s.OnReply != nil {
-			st.onReply = func(data []byte, r *ReplyMsg) ([]byte, error) {
-				return withData(data, func(d *D) error { return s.OnReply(d, r) })
+				bs, berrs := eraseStep(b, fmt.Sprintf("group %q branch %d", s.Name, j), seen)
+				errs = append(errs, berrs...)
+				st.branches = append(st.branches, bs)
 			}
 		}
 		d.steps = append(d.steps, st)
@@ -222,6 +244,97 @@ func (def *Definition[D]) erase() (*definition, error) {
 		return nil, fmt.Errorf("%w %q: %w", ErrInvalidDefinition, def.Name, err)
 	}
 	return d, nil
+}
+
+// eraseStep checks one step (of a group: not its branches) and erases its
+// data type. what names it in errors until it is known to have a name;
+// seen holds the names taken.
+func eraseStep[D any](s Step[D], what string, seen map[string]bool) (step, []error) {
+	var errs []error
+	if s.Name == "" {
+		errs = append(errs, fmt.Errorf("%s has no Name", what))
+	} else if seen[s.Name] {
+		errs = append(errs, fmt.Errorf("step %q appears twice (names are unique across the steps and the groups' branches)", s.Name))
+	}
+	seen[s.Name] = true
+	st := step{name: s.Name, topic: s.Topic, command: s.Command, url: s.URL, compensationURL: s.CompensationURL,
+		deadline: s.Deadline, maxAttempts: s.MaxAttempts}
+	if st.deadline == 0 {
+		st.deadline = DefaultDeadline
+	}
+	if st.maxAttempts == 0 {
+		st.maxAttempts = DefaultMaxAttempts
+	}
+	if s.Deadline < 0 || s.MaxAttempts < 0 {
+		errs = append(errs, fmt.Errorf("step %q: negative Deadline or MaxAttempts", s.Name))
+	}
+	if len(s.Parallel) > 0 {
+		return st, errs // a group: its caller checks the rest
+	}
+	local, command, web := s.Local != nil, s.Topic != "" || s.Command != "", s.URL != "" || s.CompensationURL != ""
+	switch {
+	case local && command:
+		errs = append(errs, fmt.Errorf("step %q is both local and a command", s.Name))
+	case local && web:
+		errs = append(errs, fmt.Errorf("step %q is both local and an HTTP step", s.Name))
+	case command && web:
+		errs = append(errs, fmt.Errorf("step %q is both a command and an HTTP step", s.Name))
+	case !local && !command && !web:
+		errs = append(errs, fmt.Errorf("step %q has neither Local, Topic and Command, URL nor Parallel", s.Name))
+	case command && (s.Topic == "" || s.Command == ""):
+		errs = append(errs, fmt.Errorf("step %q needs both Topic and Command", s.Name))
+	case web && s.URL == "":
+		errs = append(errs, fmt.Errorf("step %q has a CompensationURL but no URL", s.Name))
+	case local && (s.Input != nil || s.OnReply != nil):
+		errs = append(errs, fmt.Errorf("step %q is local: Input and OnReply apply to commands and HTTP steps", s.Name))
+	}
+	if web {
+		for _, u := range []string{s.URL, s.CompensationURL} {
+			if err := checkURL(u); u != "" && err != nil {
+				errs = append(errs, fmt.Errorf("step %q: %w", s.Name, err))
+			}
+		}
+	}
+	if s.Local != nil {
+		st.local = func(ctx context.Context, tx sqldb.Tx, id string, data []byte) ([]byte, error) {
+			return withData(data, func(d *D) error { return s.Local(ctx, tx, id, d) })
+		}
+	}
+	if s.UndoLocal != nil {
+		st.undoLocal = func(ctx context.Context, tx sqldb.Tx, id string, data []byte) ([]byte, error) {
+			return withData(data, func(d *D) error { return s.UndoLocal(ctx, tx, id, d) })
+		}
+	}
+	st.input = func(data []byte) (any, error) {
+		var in any
+		_, err := withData(data, func(d *D) error {
+			if s.Input != nil {
+				in = s.Input(d)
+			}
+			return nil
+		})
+		return in, err
+	}
+	if s.OnReply != nil {
+		st.onReply = func(data []byte, r *ReplyMsg) ([]byte, error) {
+			return withData(data, func(d *D) error { return s.OnReply(d, r) })
+		}
+	}
+	return st, errs
+}
+
+// checkURL reports why raw cannot be an HTTP step's URL.
+func checkURL(raw string) error {
+	u, err := url.Parse(raw)
+	switch {
+	case err != nil:
+		return fmt.Errorf("URL: %w", err)
+	case u.Scheme != "http" && u.Scheme != "https":
+		return fmt.Errorf("URL %q: want an absolute http or https URL", raw)
+	case u.Host == "":
+		return fmt.Errorf("URL %q has no host", raw)
+	}
+	return nil
 }
 
 // StartTx starts an instance of the saga, with id and data, in tx: the

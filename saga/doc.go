@@ -7,8 +7,10 @@
 //
 // A Definition names a saga type and its steps, with typed data (a Go type
 // stored as JSON with each instance). A step is local (a function run in
-// the owner's database) or a command to a Participant over the broker,
-// with a deadline and a number of attempts. An Orchestrator keeps each
+// the owner's database), a command to a Participant over the broker, or an
+// HTTP call to a participant in any language, each remote one with a
+// deadline and a number of attempts; or it is a parallel group of such
+// steps. An Orchestrator keeps each
 // instance as a row in the owning service's database; every transition —
 // StartTx, a reply (Orchestrator.Handler, through the inbox), a deadline
 // (a timer, fired by the timer scheduler in its own transaction) — is one
@@ -34,10 +36,82 @@
 // inbox's Config.AfterCommit and the scheduler's Config.OnFired to the
 // relay's Notify, and call Notify after the transaction that ran StartTx.
 // A participant service runs an outbox relay and an inbox, with its
-// Participant's Handler subscribed to its command topic.
+// Participant's Handler subscribed to its command topic, or serves its
+// HTTPHandler for steps called over HTTP.
 //
-// Not yet here (see the project's issues): steps over HTTP, parallel
-// groups, choreography tracking.
+// With HTTP steps, the scheduler makes the calls: wake it too after those
+// commits (its Notify, from the same hooks and after StartTx), or a call
+// starts only at the scheduler's next poll (Config.PollInterval).
+//
+// Not yet here (see the project's issues): choreography tracking.
+//
+// # Parallel groups
+//
+// A step with Parallel set is a group of branches that run at once (fork)
+// and complete together (join):
+//
+//	{Name: "reserve", Parallel: []saga.Step[Order]{
+//		{Name: "reserve-credit", Topic: "customer.commands", Command: "shop.customer.reserve-credit", Input: credit},
+//		{Name: "reserve-stock", URL: "http://inventory/reserve", Input: stock},
+//	}},
+//
+// The transition that enters the group runs its local branches and sends
+// every other branch's command or call, each with its own deadline and
+// attempts, in one transaction. Each answer updates its branch, and its
+// OnReply the saga's data: concurrent branches' replies are applied one
+// at a time, since every transition holds the saga's row lock, so no
+// update is lost. When every branch has succeeded, the saga moves on.
+//
+// When a branch is refused (or its attempts all pass unanswered), the saga
+// compensates the group at once, in parallel: every branch that may have
+// run — done, unanswered, or still in flight — gets its compensation,
+// then the steps before the group are undone in reverse order, as usual. A
+// branch in flight is not awaited: its participant's barrier makes the
+// compensation a no-op if the action has not run there yet and refuses the
+// action when it arrives, and if the action ran first, the compensation
+// undoes it. This is the standard answer (null compensation and hanging
+// action, handled by the barrier); it keeps a saga from waiting on its
+// slowest participant to release what the others hold. A late answer to
+// an abandoned action is recorded as ignored.
+//
+// A group has two or more branches, each local, a command or an HTTP step
+// (groups do not nest), and nothing of its own; names are unique across a
+// saga's steps and branches, so a branch's name is its barrier key and
+// its step name in commands and in the history. The state of each branch
+// (its status and attempt) is kept with the saga's row, so a restarted
+// orchestrator carries on where the last one stopped.
+//
+// # Steps over HTTP
+//
+// A step with URL set is called over HTTP, so that participants in any
+// language take part. Each side is a POST of the JSON of Input(data) to
+// URL (a compensation to CompensationURL, when set), with the headers
+//
+//	Idempotency-Key     the same on every call of one side of one step of one saga
+//	Troupe-Saga-Id      the saga instance
+//	Troupe-Saga-Step    the step (or branch) name
+//	Troupe-Saga-Op      action or compensation
+//	Troupe-Saga-Source  the orchestrating service (Config.Source)
+//	Troupe-Attempt      the call's number, from 1
+//
+// A 2xx response is success, its body the reply's data for OnReply. A 409
+// or 422 is a business refusal, its body the reason; any other 4xx (and a
+// 3xx, which is not followed) is a refusal too. A network error, 408, 425,
+// 429 and 5xx are transient: the call is made again after the scheduler's
+// backoff (or the response's Retry-After), up to MaxAttempts calls and
+// within Deadline; after that, an action counts as failed (the saga
+// compensates it too, since it may have run) and a compensation parks the
+// saga.
+//
+// No call runs inside a database transaction, yet its outcome is applied
+// exactly once: the transition that sends a step stores the call as an
+// HTTP task of the timer scheduler (timer.HTTPTask), whose OnDone handler
+// applies the outcome like a reply, in the transaction that deletes the
+// task. An orchestrator killed mid-call leaves the task to be called again
+// with the same Idempotency-Key, by itself once restarted or by another
+// instance; the participant answers the repeated call as the first.
+// Participant.HTTPHandler serves this protocol for a Go participant, with
+// the same barrier as over the broker.
 //
 // # Protocol
 //
@@ -62,4 +136,9 @@
 // effect, a compensation that overtakes its action succeeds without doing
 // anything (null compensation), and the action arriving after it is
 // refused, so nothing stays reserved that no compensation would release.
+//
+// Over HTTP (Participant.HTTPHandler) the transaction is the same but for
+// the inbox and the outbox: the barrier recognizes a repeated call, the
+// answer to an action is kept with the barrier's row to be given again,
+// data included, and the response is the reply.
 package saga

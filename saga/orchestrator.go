@@ -106,7 +106,8 @@ type Orchestrator struct {
 // New returns an orchestrator on db. sched must be a timer scheduler on the
 // same database (deadlines fire in its transactions), ib an inbox on it
 // (replies are handled once). db needs the saga, outbox, inbox and timer
-// tables. New registers the deadline handler with sched.
+// tables. New registers the deadline handler and the HTTP steps' outcome
+// handler with sched (DeadlineHandler, HTTPDoneHandler).
 func New(db *sqldb.DB, sched *timer.Scheduler, ib *inbox.Inbox, cfg Config) (*Orchestrator, error) {
 	var errs []error
 	if db == nil || sched == nil || ib == nil {
@@ -129,6 +130,9 @@ func New(db *sqldb.DB, sched *timer.Scheduler, ib *inbox.Inbox, cfg Config) (*Or
 	}
 	o := &Orchestrator{db: db, sched: sched, ib: ib, cfg: cfg, log: cfg.Logger, defs: map[string]*definition{}}
 	if err := sched.Handle(DeadlineHandler, o.onDeadline); err != nil {
+		return nil, err
+	}
+	if err := sched.Handle(HTTPDoneHandler, o.onHTTPDone); err != nil {
 		return nil, err
 	}
 	return o, nil
@@ -177,6 +181,7 @@ type instance struct {
 	step       int
 	awaiting   string
 	attempt    int
+	branches   map[string]*branchState // the branches of the group at step, nil when none
 	data       []byte
 	reason     string
 	historySeq int
@@ -199,25 +204,26 @@ func (o *Orchestrator) startTx(ctx context.Context, tx sqldb.Tx, name string, ve
 		return fmt.Errorf("%w: %q", ErrExists, id)
 	}
 	in := &instance{id: id, name: name, version: version, status: Running, data: data, created: now}
-	if err := o.record(in, "", "", 0, "started", ""); err != nil {
-		return err
-	}
+	o.record(in, "", "", 0, "started", "")
 	return o.advance(ctx, tx, def, in)
 }
 
 // load reads and locks a saga's row.
 func (o *Orchestrator) load(ctx context.Context, tx sqldb.Tx, id string) (*instance, error) {
-	q := `SELECT id, name, version, status, step, awaiting, attempt, data, reason, history_seq, created_at FROM troupe_sagas WHERE id = $1`
+	q := `SELECT id, name, version, status, step, awaiting, attempt, branches, data, reason, history_seq, created_at FROM troupe_sagas WHERE id = $1`
 	if tx.Dialect() == sqldb.Postgres {
 		q += ` FOR UPDATE`
 	}
 	in := &instance{}
-	var status string
-	err := tx.QueryRow(ctx, q, id).Scan(&in.id, &in.name, &in.version, &status, &in.step, &in.awaiting, &in.attempt, &in.data, &in.reason, &in.historySeq, &in.created)
+	var status, branches string
+	err := tx.QueryRow(ctx, q, id).Scan(&in.id, &in.name, &in.version, &status, &in.step, &in.awaiting, &in.attempt, &branches, &in.data, &in.reason, &in.historySeq, &in.created)
 	if err != nil {
 		return nil, err
 	}
 	in.status = Status(status)
+	if in.branches, err = decodeBranches(branches); err != nil {
+		return nil, fmt.Errorf("saga: %q: %w", id, err)
+	}
 	return in, nil
 }
 
@@ -245,9 +251,13 @@ func (o *Orchestrator) save(ctx context.Context, tx sqldb.Tx, in *instance) erro
 		}
 		in.pending = in.pending[:0]
 	}
-	_, err := tx.Exec(ctx, `UPDATE troupe_sagas SET status = $1, step = $2, awaiting = $3, attempt = $4, data = $5, reason = $6,
-		history_seq = $7, updated_at = $8 WHERE id = $9`,
-		string(in.status), in.step, in.awaiting, in.attempt, in.data, in.reason, in.historySeq, o.cfg.Now().UTC(), in.id)
+	branches, err := encodeBranches(in.branches)
+	if err != nil {
+		return fmt.Errorf("saga: save %q: %w", in.id, err)
+	}
+	_, err = tx.Exec(ctx, `UPDATE troupe_sagas SET status = $1, step = $2, awaiting = $3, attempt = $4, branches = $5, data = $6, reason = $7,
+		history_seq = $8, updated_at = $9 WHERE id = $10`,
+		string(in.status), in.step, in.awaiting, in.attempt, branches, in.data, in.reason, in.historySeq, o.cfg.Now().UTC(), in.id)
 	if err != nil {
 		return fmt.Errorf("saga: save %q: %w", in.id, err)
 	}
@@ -256,10 +266,15 @@ func (o *Orchestrator) save(ctx context.Context, tx sqldb.Tx, in *instance) erro
 
 // record adds a history entry, written by the next save (every transition
 // ends with one).
-func (o *Orchestrator) record(in *instance, step, op string, attempt int, event, detail string) error {
+func (o *Orchestrator) record(in *instance, step, op string, attempt int, event, detail string) {
 	in.historySeq++
 	in.pending = append(in.pending, in.id, in.historySeq, step, op, attempt, event, detail, o.cfg.Now().UTC())
-	return nil
+}
+
+// park stops the saga for an operator, with the reason.
+func (o *Orchestrator) park(in *instance, reason string) {
+	in.status, in.reason, in.awaiting = Parked, reason, ""
+	o.log.Error("saga: parked for an operator", "saga", in.id, "reason", reason)
 }
 
 // advance runs the saga forward (or backward, compensating) from its
@@ -275,30 +290,38 @@ func (o *Orchestrator) advance(ctx context.Context, tx sqldb.Tx, def *definition
 					}
 				}
 				in.status = Completed
-				if err := o.record(in, "", "", 0, "completed", ""); err != nil {
-					return err
-				}
+				o.record(in, "", "", 0, "completed", "")
 				return o.save(ctx, tx, in)
 			}
 			st := def.steps[in.step]
+			if st.isGroup() {
+				if in.branches == nil {
+					if err := o.fork(ctx, tx, in, st); err != nil {
+						return err
+					}
+					continue // a local branch may have refused
+				}
+				if !joined(st, in.branches) {
+					return o.save(ctx, tx, in)
+				}
+				in.branches = nil
+				in.step++
+				continue
+			}
 			if !st.isLocal() {
-				return o.send(ctx, tx, def, in, Action, in.attempt+1)
+				return o.send(ctx, tx, in, st, Action, in.attempt+1)
 			}
 			data, refused, err := o.runLocal(ctx, tx, in, st.local, false)
 			if err != nil {
 				return err
 			}
 			if refused != nil {
-				if err := o.record(in, st.name, Action.String(), 1, "refused", refused.Error()); err != nil {
-					return err
-				}
+				o.record(in, st.name, Action.String(), 1, "refused", refused.Error())
 				o.startCompensating(in, refused.Error())
 				continue
 			}
 			in.data = data
-			if err := o.record(in, st.name, Action.String(), 1, "done", ""); err != nil {
-				return err
-			}
+			o.record(in, st.name, Action.String(), 1, "done", "")
 			in.step++
 		case Compensating:
 			if in.step < 0 {
@@ -308,40 +331,56 @@ func (o *Orchestrator) advance(ctx context.Context, tx sqldb.Tx, def *definition
 					}
 				}
 				in.status = Compensated
-				if err := o.record(in, "", "", 0, "compensated", in.reason); err != nil {
-					return err
-				}
+				o.record(in, "", "", 0, "compensated", in.reason)
 				return o.save(ctx, tx, in)
 			}
 			st := def.steps[in.step]
-			if !st.isLocal() {
-				return o.send(ctx, tx, def, in, Compensation, in.attempt+1)
-			}
-			if st.undoLocal != nil {
-				data, failed, err := o.runLocal(ctx, tx, in, st.undoLocal, true)
+			if st.isGroup() {
+				settled, err := o.undoGroup(ctx, tx, in, st)
 				if err != nil {
 					return err
 				}
-				if failed != nil {
-					// A compensation that fails is not retried blindly:
-					// the saga waits for an operator (RetryTx, AbortTx).
-					in.status, in.reason = Parked, fmt.Sprintf("compensation of step %q failed: %v", st.name, failed)
-					o.log.Error("saga: parked for an operator", "saga", in.id, "reason", in.reason)
-					if err := o.record(in, st.name, Compensation.String(), 1, "failed", failed.Error()); err != nil {
-						return err
-					}
-					return o.save(ctx, tx, in)
+				if !settled {
+					return o.save(ctx, tx, in) // awaiting compensations, or parked
 				}
-				in.data = data
+				in.branches = nil
+				in.step--
+				continue
 			}
-			if err := o.record(in, st.name, Compensation.String(), 1, "done", ""); err != nil {
-				return err
+			if !st.isLocal() {
+				return o.send(ctx, tx, in, st, Compensation, in.attempt+1)
+			}
+			if ok, err := o.undoLocal(ctx, tx, in, st); err != nil || !ok {
+				if err != nil {
+					return err
+				}
+				return o.save(ctx, tx, in)
 			}
 			in.step--
 		default:
 			return o.save(ctx, tx, in)
 		}
 	}
+}
+
+// undoLocal compensates a completed local step (or branch) st. A
+// compensation that fails is not retried blindly: it parks the saga (ok
+// false) for an operator (RetryTx, AbortTx).
+func (o *Orchestrator) undoLocal(ctx context.Context, tx sqldb.Tx, in *instance, st step) (ok bool, err error) {
+	if st.undoLocal != nil {
+		data, failed, err := o.runLocal(ctx, tx, in, st.undoLocal, true)
+		if err != nil {
+			return false, err
+		}
+		if failed != nil {
+			o.record(in, st.name, Compensation.String(), 1, "failed", failed.Error())
+			o.park(in, fmt.Sprintf("compensation of step %q failed: %v", st.name, failed))
+			return false, nil
+		}
+		in.data = data
+	}
+	o.record(in, st.name, Compensation.String(), 1, "done", "")
+	return true, nil
 }
 
 // startCompensating turns the saga around at its current step, which
@@ -384,33 +423,193 @@ func deadlineID(sagaID string, step int, op Op, attempt int) string {
 	return "saga-deadline/" + sagaID + "/" + strconv.Itoa(step) + "/" + op.String() + "/" + strconv.Itoa(attempt)
 }
 
-// send writes the current step's command (attempt n) to the outbox,
-// schedules its deadline, and saves the saga awaiting the reply.
-func (o *Orchestrator) send(ctx context.Context, tx sqldb.Tx, def *definition, in *instance, op Op, attempt int) error {
-	st := def.steps[in.step]
-	input, err := st.input(in.data)
-	if err != nil {
-		return err
+// branchDeadlineID is the timer id of the deadline of a command sent for a
+// group's branch.
+func branchDeadlineID(sagaID string, group int, branch string, op Op, attempt int) string {
+	return "saga-deadline/" + sagaID + "/" + strconv.Itoa(group) + "." + branch + "/" + op.String() + "/" + strconv.Itoa(attempt)
+}
+
+// deadlineOf returns the timer id of the deadline of m's side op, attempt:
+// m is the current step, or a branch (inGroup) of the current group.
+func deadlineOf(in *instance, m step, inGroup bool, op Op, attempt int) string {
+	if inGroup {
+		return branchDeadlineID(in.id, in.step, m.name, op, attempt)
 	}
-	cmd, err := NewCommand(o.cfg.Source, st.command, in.id, st.name, op, o.cfg.ReplyTopic, input)
-	if err != nil {
-		return err
-	}
-	if err := outbox.Add(ctx, tx, st.topic, cmd); err != nil {
-		return err
-	}
-	dl := message.New(o.cfg.Source, deadlineType, nil)
-	dl.ID = deadlineID(in.id, in.step, op, attempt)
-	dl.Subject, dl.CorrelationID = in.id, in.id
-	dl.Extensions = map[string]string{ExtSagaID: in.id, ExtStep: st.name, ExtOp: op.String(), extAttempt: strconv.Itoa(attempt)}
-	if err := o.sched.ScheduleTx(ctx, tx, o.cfg.Now().Add(st.deadline), timer.ToHandler(DeadlineHandler), dl); err != nil && !errors.Is(err, timer.ErrExists) {
+	return deadlineID(in.id, in.step, op, attempt)
+}
+
+// send sends side op of the current step st (attempt n) and saves the saga
+// awaiting its reply.
+func (o *Orchestrator) send(ctx context.Context, tx sqldb.Tx, in *instance, st step, op Op, attempt int) error {
+	if err := o.sendMember(ctx, tx, in, st, false, op, attempt); err != nil {
 		return err
 	}
 	in.awaiting, in.attempt = op.String(), attempt
-	if err := o.record(in, st.name, op.String(), attempt, "sent", cmd.ID); err != nil {
+	return o.save(ctx, tx, in)
+}
+
+// sendMember sends side op of m, the current step or a branch (inGroup) of
+// the current group: its command into the outbox, or its HTTP call as a
+// timer task; then it schedules the deadline and records the sending.
+func (o *Orchestrator) sendMember(ctx context.Context, tx sqldb.Tx, in *instance, m step, inGroup bool, op Op, attempt int) error {
+	input, err := m.input(in.data)
+	if err != nil {
 		return err
 	}
-	return o.save(ctx, tx, in)
+	var detail string
+	if m.isHTTP() {
+		if detail, err = o.callHTTP(ctx, tx, in, m, op, attempt, input); err != nil {
+			return err
+		}
+	} else {
+		cmd, err := NewCommand(o.cfg.Source, m.command, in.id, m.name, op, o.cfg.ReplyTopic, input)
+		if err != nil {
+			return err
+		}
+		if err := outbox.Add(ctx, tx, m.topic, cmd); err != nil {
+			return err
+		}
+		detail = cmd.ID
+	}
+	dl := message.New(o.cfg.Source, deadlineType, nil)
+	dl.ID = deadlineOf(in, m, inGroup, op, attempt)
+	dl.Subject, dl.CorrelationID = in.id, in.id
+	dl.Extensions = map[string]string{ExtSagaID: in.id, ExtStep: m.name, ExtOp: op.String(), extAttempt: strconv.Itoa(attempt)}
+	if err := o.sched.ScheduleTx(ctx, tx, o.cfg.Now().Add(m.deadline), timer.ToHandler(DeadlineHandler), dl); err != nil && !errors.Is(err, timer.ErrExists) {
+		return err
+	}
+	o.record(in, m.name, op.String(), attempt, "sent", detail)
+	return nil
+}
+
+// awaited finds what awaits an answer to side op of the step or branch
+// named name: the current step (branch nil), or a branch of the current
+// group with its state, and the attempt the answer is for.
+func awaited(def *definition, in *instance, name string, op Op) (m step, branch *branchState, attempt int, ok bool) {
+	if in.step < 0 || in.step >= len(def.steps) {
+		return step{}, nil, 0, false
+	}
+	st := def.steps[in.step]
+	if !st.isGroup() {
+		if st.name != name || in.awaiting != op.String() {
+			return step{}, nil, 0, false
+		}
+		return st, nil, in.attempt, true
+	}
+	b, found := st.branch(name)
+	bs := in.branches[name]
+	want, status := branchSent, Running
+	if op == Compensation {
+		want, status = branchUndoing, Compensating
+	}
+	if !found || bs == nil || bs.Status != want || in.status != status {
+		return step{}, nil, 0, false
+	}
+	return b, bs, bs.Attempt, true
+}
+
+// verdictKind is how one side of a step or branch ended.
+type verdictKind int
+
+const (
+	// succeeded: the participant did it.
+	succeeded verdictKind = iota + 1
+	// refused: a business refusal; a refused action did nothing.
+	refused
+	// lost: no answer came in time (every attempt's deadline passed, or an
+	// HTTP call failed on its last attempt); an action may have run.
+	lost
+)
+
+// verdict is the end of one side of a step or branch.
+type verdict struct {
+	kind verdictKind
+	// reason is the participant's reason of a refusal, or why the side
+	// counts as lost.
+	reason string
+	// reply is a successful action's reply, for OnReply.
+	reply *ReplyMsg
+	// atDeadline: the side's deadline timer is the one firing (it records
+	// the deadline and deletes itself).
+	atDeadline bool
+}
+
+// conclude applies the end of side op of m (the current step, or the
+// branch bs of the current group), then advances the saga.
+func (o *Orchestrator) conclude(ctx context.Context, tx sqldb.Tx, def *definition, in *instance, m step, bs *branchState, op Op, attempt int, v verdict) error {
+	inGroup := bs != nil
+	if !v.atDeadline {
+		// Not CancelTx: a scheduler firing this deadline holds the timer's
+		// row and waits for the saga's, which this transaction holds. It
+		// then finds the side answered and does nothing.
+		if _, err := o.sched.TryCancelTx(ctx, tx, deadlineOf(in, m, inGroup, op, attempt)); err != nil {
+			return err
+		}
+	}
+	if m.isHTTP() && v.kind == lost {
+		// A call still being retried: its outcome no longer matters.
+		if _, err := o.sched.TryCancelTx(ctx, tx, httpTaskID(in.id, m.name, op)); err != nil {
+			return err
+		}
+	}
+	if !inGroup {
+		in.awaiting = ""
+	}
+	switch {
+	case op == Action && v.kind == succeeded:
+		if m.onReply != nil && v.reply != nil {
+			data, err := m.onReply(in.data, v.reply)
+			if err != nil {
+				return err
+			}
+			in.data = data
+		}
+		o.record(in, m.name, op.String(), attempt, "done", "")
+		if inGroup {
+			bs.Status, bs.Attempt = branchDone, 0
+		} else {
+			in.step, in.attempt = in.step+1, 0
+		}
+	case op == Action && v.kind == refused:
+		o.record(in, m.name, op.String(), attempt, "refused", v.reason)
+		if inGroup {
+			bs.Status, bs.Attempt = branchRefused, 0
+			in.status, in.reason = Compensating, v.reason
+		} else {
+			o.startCompensating(in, v.reason)
+		}
+	case op == Action:
+		// The action may have been applied with its answer lost or late:
+		// compensate this step too. If it never ran, its participant's
+		// barrier makes the compensation a no-op and refuses the action
+		// should it still arrive.
+		if !v.atDeadline {
+			o.record(in, m.name, op.String(), attempt, "failed", v.reason)
+		}
+		if inGroup {
+			bs.Status, bs.Attempt = branchDue, 0
+			in.status, in.reason = Compensating, v.reason
+		} else {
+			o.startCompensating(in, v.reason)
+			in.step++
+		}
+	case v.kind == succeeded:
+		o.record(in, m.name, op.String(), attempt, "done", "")
+		if inGroup {
+			bs.Status, bs.Attempt = branchUndone, 0
+		} else {
+			in.step, in.attempt = in.step-1, 0
+		}
+	case v.kind == refused:
+		o.record(in, m.name, op.String(), attempt, "refused", v.reason)
+		o.park(in, fmt.Sprintf("compensation of step %q refused: %s", m.name, v.reason))
+	default:
+		if !v.atDeadline {
+			o.record(in, m.name, op.String(), attempt, "failed", v.reason)
+		}
+		o.park(in, v.reason)
+	}
+	return o.advance(ctx, tx, def, in)
 }
 
 // HandleReplyTx applies a participant's reply in tx (Handler calls it in the
@@ -432,53 +631,17 @@ func (o *Orchestrator) HandleReplyTx(ctx context.Context, tx sqldb.Tx, m *messag
 	if err != nil {
 		return err
 	}
-	if in.awaiting != r.Op.String() || in.step < 0 || in.step >= len(def.steps) || def.steps[in.step].name != r.Step {
+	st, bs, attempt, ok := awaited(def, in, r.Step, r.Op)
+	if !ok {
 		o.log.Info("saga: ignoring a reply the saga does not await", "saga", in.id, "step", r.Step, "op", r.Op, "status", in.status)
-		if err := o.record(in, r.Step, r.Op.String(), 0, "ignored-reply", r.Outcome.String()); err != nil {
-			return err
-		}
+		o.record(in, r.Step, r.Op.String(), 0, "ignored-reply", r.Outcome.String())
 		return o.save(ctx, tx, in)
 	}
-	st := def.steps[in.step]
-	// Not CancelTx: a scheduler firing this deadline holds the timer's row
-	// and waits for the saga's, which this transaction holds. It then finds
-	// the command answered and does nothing.
-	if _, err := o.sched.TryCancelTx(ctx, tx, deadlineID(in.id, in.step, r.Op, in.attempt)); err != nil {
-		return err
+	v := verdict{kind: succeeded, reply: r}
+	if r.Outcome != Succeeded {
+		v = verdict{kind: refused, reason: r.Reason}
 	}
-	in.awaiting = ""
-	switch {
-	case r.Op == Action && r.Outcome == Succeeded:
-		if st.onReply != nil {
-			data, err := st.onReply(in.data, r)
-			if err != nil {
-				return err
-			}
-			in.data = data
-		}
-		if err := o.record(in, st.name, r.Op.String(), in.attempt, "done", ""); err != nil {
-			return err
-		}
-		in.step, in.attempt = in.step+1, 0
-	case r.Op == Action:
-		if err := o.record(in, st.name, r.Op.String(), in.attempt, "refused", r.Reason); err != nil {
-			return err
-		}
-		o.startCompensating(in, r.Reason)
-	case r.Outcome == Succeeded:
-		if err := o.record(in, st.name, r.Op.String(), in.attempt, "done", ""); err != nil {
-			return err
-		}
-		in.step, in.attempt = in.step-1, 0
-	default:
-		reason := fmt.Sprintf("compensation of step %q refused: %s", st.name, r.Reason)
-		if err := o.record(in, st.name, r.Op.String(), in.attempt, "refused", r.Reason); err != nil {
-			return err
-		}
-		in.status, in.reason = Parked, reason
-		o.log.Error("saga: parked for an operator", "saga", in.id, "reason", reason)
-	}
-	return o.advance(ctx, tx, def, in)
+	return o.conclude(ctx, tx, def, in, st, bs, r.Op, attempt, v)
 }
 
 // deadlineFailuresBeforeParking is how many times handling one deadline may
@@ -516,17 +679,14 @@ func (o *Orchestrator) onDeadline(ctx context.Context, tx sqldb.Tx, f *timer.Fir
 	if lerr != nil {
 		return errors.Join(err, lerr)
 	}
-	reason := fmt.Sprintf("handling the deadline of step %q failed %d times: %v", f.Msg.Extensions[ExtStep], f.Attempt, err)
-	in.status, in.reason, in.awaiting = Parked, reason, ""
-	o.log.Error("saga: parked for an operator", "saga", in.id, "reason", reason)
-	if rerr := o.record(in, f.Msg.Extensions[ExtStep], f.Msg.Extensions[ExtOp], 0, "failed", err.Error()); rerr != nil {
-		return errors.Join(err, rerr)
-	}
+	o.record(in, f.Msg.Extensions[ExtStep], f.Msg.Extensions[ExtOp], 0, "failed", err.Error())
+	o.park(in, fmt.Sprintf("handling the deadline of step %q failed %d times: %v", f.Msg.Extensions[ExtStep], f.Attempt, err))
 	return o.save(ctx, tx, in)
 }
 
-// deadline handles a command's deadline: the command is sent again, or,
-// after the last attempt, the action counts as failed (compensate) or the
+// deadline handles a deadline: the command is sent again, or, after the
+// last attempt (an HTTP step's first deadline is its last: its calls were
+// retried meanwhile), the action counts as failed (compensate) or the
 // compensation parks the saga.
 func (o *Orchestrator) deadline(ctx context.Context, tx sqldb.Tx, f *timer.Fired) error {
 	m := f.Msg
@@ -544,30 +704,27 @@ func (o *Orchestrator) deadline(ctx context.Context, tx sqldb.Tx, f *timer.Fired
 	if err != nil {
 		return err
 	}
-	if in.awaiting != op.String() || in.attempt != attempt || in.step < 0 || in.step >= len(def.steps) || def.steps[in.step].name != stepName {
+	st, bs, current, ok := awaited(def, in, stepName, op)
+	if !ok || current != attempt {
 		return nil // answered meanwhile
 	}
-	st := def.steps[in.step]
-	if err := o.record(in, st.name, op.String(), attempt, "deadline", st.deadline.String()); err != nil {
-		return err
+	o.record(in, st.name, op.String(), attempt, "deadline", st.deadline.String())
+	if !st.isHTTP() && attempt < st.maxAttempts {
+		if err := o.sendMember(ctx, tx, in, st, bs != nil, op, attempt+1); err != nil {
+			return err
+		}
+		if bs != nil {
+			bs.Attempt = attempt + 1
+		} else {
+			in.awaiting, in.attempt = op.String(), attempt+1
+		}
+		return o.save(ctx, tx, in)
 	}
-	if attempt < st.maxAttempts {
-		return o.send(ctx, tx, def, in, op, attempt+1)
-	}
-	in.awaiting = ""
 	reason := fmt.Sprintf("step %q: no reply to the %s after %d attempts", st.name, op, attempt)
-	if op == Action {
-		// The action may have been applied with its reply lost or late:
-		// compensate this step too. If it never ran, its participant's
-		// barrier makes the compensation a no-op and refuses the action
-		// should it still arrive.
-		o.startCompensating(in, reason)
-		in.step++
-	} else {
-		in.status, in.reason = Parked, reason
-		o.log.Error("saga: parked for an operator", "saga", in.id, "reason", reason)
+	if st.isHTTP() {
+		reason = fmt.Sprintf("step %q: no answer to the %s within its deadline (%v)", st.name, op, st.deadline)
 	}
-	return o.advance(ctx, tx, def, in)
+	return o.conclude(ctx, tx, def, in, st, bs, op, attempt, verdict{kind: lost, reason: reason, atDeadline: true})
 }
 
 // Info is a saga instance as stored.

@@ -93,12 +93,35 @@ func (p *Participant) HandleTx(ctx context.Context, tx sqldb.Tx, m *message.Mess
 	if err != nil {
 		return inbox.Permanent(err)
 	}
-	p.mu.Lock()
-	st, ok := p.steps[m.Type]
-	p.mu.Unlock()
+	st, ok := p.step(m.Type)
 	if !ok {
 		return inbox.Permanent(fmt.Errorf("saga: no step handles commands of type %q", m.Type))
 	}
+	outcome, reply, err := p.run(ctx, tx, cmd, st)
+	if err != nil {
+		return err
+	}
+	if outcome == inbox.BarrierDuplicate && cmd.Op == Action {
+		return nil // the first time's reply, with its data, is in the outbox already
+	}
+	rm, err := replyMessage(p.source, cmd, reply)
+	if err != nil {
+		return err
+	}
+	return outbox.Add(ctx, tx, cmd.ReplyTo, rm)
+}
+
+func (p *Participant) step(commandType string) (participantStep, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	st, ok := p.steps[commandType]
+	return st, ok
+}
+
+// run runs cmd's side of st behind the barrier, in tx, and returns the
+// barrier's outcome and the reply, except for a duplicate action, whose
+// reply is the first one's.
+func (p *Participant) run(ctx context.Context, tx sqldb.Tx, cmd *Command, st participantStep) (inbox.BarrierOutcome, Reply, error) {
 	fn, op := st.action, inbox.BarrierAction
 	if cmd.Op == Compensation {
 		fn, op = st.compensation, inbox.BarrierCompensation
@@ -117,19 +140,16 @@ func (p *Participant) HandleTx(ctx context.Context, tx sqldb.Tx, m *message.Mess
 		return err
 	})
 	if err != nil {
-		return err
+		return 0, Reply{}, err
 	}
 	switch outcome {
 	case inbox.BarrierApplied:
 		if reply.Outcome == Failed {
 			if err := p.ib.BarrierRefusedTx(ctx, tx, cmd.SagaID, cmd.Step, op); err != nil {
-				return err
+				return 0, Reply{}, err
 			}
 		}
 	case inbox.BarrierDuplicate:
-		if cmd.Op == Action {
-			return nil // the first time's reply, with its data, is in the outbox already
-		}
 		// A compensation's barrier row stands for one done, a null one, or
 		// one a refused action made needless: success. Say it again: the
 		// saga may have ignored the first answer while it was parked, and
@@ -140,9 +160,5 @@ func (p *Participant) HandleTx(ctx context.Context, tx sqldb.Tx, m *message.Mess
 	case inbox.BarrierRefused:
 		reply = Failure("refused: the step was compensated before this action arrived")
 	}
-	rm, err := replyMessage(p.source, cmd, reply)
-	if err != nil {
-		return err
-	}
-	return outbox.Add(ctx, tx, cmd.ReplyTo, rm)
+	return outcome, reply, nil
 }

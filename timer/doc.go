@@ -59,7 +59,9 @@
 //     response, so a crash, a lost response, or a timeout after the
 //     receiver acted repeats the call. Every attempt carries the same
 //     Idempotency-Key header (the task's id), which the receiver must use
-//     to apply the call once.
+//     to apply the call once. With HTTPTask.OnDone, the call's outcome is
+//     applied exactly once, by the named handler, in the transaction that
+//     deletes the task.
 //   - Each occurrence of a recurring schedule is one timer, with an id made
 //     of the schedule's name and the occurrence time, inserted by the
 //     transaction that fired the previous occurrence: so every occurrence

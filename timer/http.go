@@ -35,7 +35,8 @@ const AttemptHeader = "Troupe-Attempt"
 // 429 and 5xx are retried after Config.Backoff (or the response's
 // Retry-After, when later), up to MaxAttempts tries. Any other status (a
 // 3xx, which is not followed, or a 4xx) fails the task at once. A failed
-// task is kept with its last error for an operator (Failed, RetryTx).
+// task is kept with its last error for an operator (Failed, RetryTx),
+// unless it has an OnDone handler, which is then told of the failure.
 type HTTPTask struct {
 	// ID identifies the task and is sent as the Idempotency-Key header.
 	// Default: a new message.NewID().
@@ -53,6 +54,103 @@ type HTTPTask struct {
 	Timeout time.Duration `json:"timeout,omitempty"`
 	// MaxAttempts caps the tries. Default Config.MaxAttempts.
 	MaxAttempts int `json:"max_attempts,omitempty"`
+	// OnDone names a handler (registered with Handle on every scheduler
+	// that runs HTTP tasks) to run when the task ends: answered 2xx,
+	// answered with a status that is not retried, or failed on its last
+	// attempt. It runs in the transaction that deletes the task, so the
+	// call's outcome is applied exactly once: a crash before that commit
+	// makes the call again, with the same Idempotency-Key, and nothing
+	// repeats after it. Its Fired.Msg describes the outcome (read it with
+	// HTTPOutcomeOf). A handler error counts as a failed attempt: its
+	// writes roll back and the call is made again after the backoff (the
+	// receiver's idempotency makes that safe), until MaxAttempts; then the
+	// task is kept failed for an operator. Default: none.
+	OnDone string `json:"on_done,omitempty"`
+	// Meta is handed back to OnDone as extension attributes of the outcome
+	// message, so its handler knows what the call was for. Its names are
+	// lower-case letters a-z and digits, other than httpstatus and
+	// httperror.
+	Meta map[string]string `json:"meta,omitempty"`
+}
+
+// HTTPDoneType is the CloudEvents type of the message an OnDone handler
+// gets in Fired.Msg: its data is the response body (up to MaxDoneBody
+// bytes), its DataContentType the response's Content-Type, its subject the
+// task's id, and its extension attributes the task's Meta, ExtHTTPStatus
+// and, for a failed task, ExtHTTPError.
+const HTTPDoneType = "dev.troupe.timer.http.done"
+
+// Extension attributes of an OnDone message.
+const (
+	// ExtHTTPStatus is the last response's status code; "0" when the last
+	// attempt got no response (a network error or a timeout).
+	ExtHTTPStatus = "httpstatus"
+	// ExtHTTPError is why the task failed; absent when it succeeded (2xx).
+	ExtHTTPError = "httperror"
+)
+
+// MaxDoneBody is the most of a response body an OnDone handler gets; the
+// rest is cut.
+const MaxDoneBody = 1 << 20
+
+// HTTPOutcome is how an HTTP task ended, as its OnDone handler reads it.
+type HTTPOutcome struct {
+	// TaskID is the task's id (its Idempotency-Key).
+	TaskID string
+	// Status is the last response's status code, 0 if the last attempt got
+	// no response.
+	Status int
+	// ContentType is the response's Content-Type.
+	ContentType string
+	// Body is the response's body, up to MaxDoneBody bytes.
+	Body []byte
+	// Err is why the task failed; "" when it succeeded (2xx).
+	Err string
+	// Meta is the task's Meta.
+	Meta map[string]string
+}
+
+// ErrNotHTTPDone is matched by the error HTTPOutcomeOf returns for a Fired
+// that is not an HTTP task's outcome.
+var ErrNotHTTPDone = errors.New("timer: not an HTTP task's outcome")
+
+// HTTPOutcomeOf reads the outcome of an HTTP task from the Fired its OnDone
+// handler got.
+func HTTPOutcomeOf(f *Fired) (HTTPOutcome, error) {
+	if f == nil || f.Msg == nil || f.Msg.Type != HTTPDoneType {
+		return HTTPOutcome{}, ErrNotHTTPDone
+	}
+	m := f.Msg
+	status, err := strconv.Atoi(m.Extensions[ExtHTTPStatus])
+	if err != nil {
+		return HTTPOutcome{}, fmt.Errorf("%w: %s %q", ErrNotHTTPDone, ExtHTTPStatus, m.Extensions[ExtHTTPStatus])
+	}
+	out := HTTPOutcome{TaskID: m.Subject, Status: status, ContentType: m.DataContentType, Body: m.Data, Err: m.Extensions[ExtHTTPError], Meta: map[string]string{}}
+	for k, v := range m.Extensions {
+		if k != ExtHTTPStatus && k != ExtHTTPError {
+			out.Meta[k] = v
+		}
+	}
+	return out, nil
+}
+
+// validMetaName reports whether name can name an extension attribute of an
+// OnDone message.
+func validMetaName(name string) bool {
+	if name == "" || name == ExtHTTPStatus || name == ExtHTTPError {
+		return false
+	}
+	for i := 0; i < len(name); i++ {
+		if c := name[i]; (c < 'a' || c > 'z') && (c < '0' || c > '9') {
+			return false
+		}
+	}
+	switch name {
+	case "specversion", "id", "source", "type", "subject", "time", "datacontenttype", "dataschema", "data",
+		"correlationid", "causationid", "traceparent":
+		return false
+	}
+	return true
 }
 
 // checkTask fills the task's defaults and validates it.
@@ -90,6 +188,14 @@ func (s *Scheduler) checkTask(t *HTTPTask) error {
 	for k := range t.Header {
 		if strings.EqualFold(k, IdempotencyKeyHeader) {
 			errs = append(errs, fmt.Errorf("header %s is set by the scheduler from the task's ID", IdempotencyKeyHeader))
+		}
+	}
+	if len(t.Meta) > 0 && t.OnDone == "" {
+		errs = append(errs, errors.New("Meta is handed to OnDone, which is empty"))
+	}
+	for k := range t.Meta {
+		if !validMetaName(k) {
+			errs = append(errs, fmt.Errorf("Meta name %q: want lower-case letters a-z and digits, not a CloudEvents attribute, %s or %s", k, ExtHTTPStatus, ExtHTTPError))
 		}
 	}
 	if err := errors.Join(errs...); err != nil {
@@ -253,11 +359,12 @@ func (s *Scheduler) runTask(ctx context.Context, c claimedTask) {
 		answered   bool
 		retryAfter time.Duration
 		callErr    error
+		res        response
 	)
 	if c.payload != nil {
 		answered, callErr = true, Permanent(c.payload)
 	} else {
-		answered, retryAfter, callErr = s.call1(ctx, c)
+		answered, res, retryAfter, callErr = s.call1(ctx, c)
 	}
 	bg := context.WithoutCancel(ctx)
 	if !answered && ctx.Err() != nil {
@@ -278,21 +385,38 @@ func (s *Scheduler) runTask(ctx context.Context, c claimedTask) {
 		maxAttempts = s.cfg.MaxAttempts
 	}
 	attempt := c.row.attempts
+	onDone := c.task.OnDone
+	if c.payload != nil {
+		onDone = "" // nothing to tell it: the task is unreadable
+	}
 	giveUp := callErr != nil && (errors.Is(callErr, ErrPermanent) || attempt >= maxAttempts)
-	retryAt := now
-	if callErr != nil && !giveUp {
-		retryAt = now.Add(max(s.cfg.Backoff(attempt), retryAfter))
+	// ended: the task ends with this attempt and OnDone, if any, runs. It
+	// stops being so if OnDone fails: the failure is then recorded as the
+	// attempt's.
+	ended := callErr == nil || (giveUp && onDone != "")
+	retryAt := func() time.Time {
+		if callErr == nil || giveUp {
+			return now
+		}
+		return now.Add(max(s.cfg.Backoff(attempt), retryAfter))
 	}
 	// Every write is fenced on the attempt: a holder whose lease was taken
 	// over changes nothing.
 	record := func(ctx context.Context, tx sqldb.Tx) (int64, error) {
 		switch {
-		case callErr == nil:
-			return tx.Exec(ctx, `DELETE FROM troupe_timers WHERE id = $1 AND lease = $2`, c.row.id, c.lease)
+		case ended:
+			n, err := tx.Exec(ctx, `DELETE FROM troupe_timers WHERE id = $1 AND lease = $2`, c.row.id, c.lease)
+			if err != nil || n == 0 || onDone == "" {
+				return n, err
+			}
+			if err := s.runOnDone(ctx, tx, c, onDone, now, res, callErr); err != nil {
+				return 0, &onDoneFailure{err: err}
+			}
+			return n, nil
 		case giveUp:
 			return tx.Exec(ctx, `UPDATE troupe_timers SET last_error = $1, failed_at = $2 WHERE id = $3 AND lease = $4`, callErr.Error(), now, c.row.id, c.lease)
 		default:
-			return tx.Exec(ctx, `UPDATE troupe_timers SET last_error = $1, due_at = $2 WHERE id = $3 AND lease = $4`, callErr.Error(), retryAt, c.row.id, c.lease)
+			return tx.Exec(ctx, `UPDATE troupe_timers SET last_error = $1, due_at = $2 WHERE id = $3 AND lease = $4`, callErr.Error(), retryAt(), c.row.id, c.lease)
 		}
 	}
 	// A database that fails the write is tried again while the lease
@@ -310,6 +434,17 @@ func (s *Scheduler) runTask(ctx context.Context, c claimedTask) {
 		if err == nil {
 			break
 		}
+		if hf := (*onDoneFailure)(nil); errors.As(err, &hf) {
+			// The handler's writes rolled back with the deletion: record
+			// its failure as this attempt's, to be tried again, call
+			// included (the receiver's idempotency makes that safe).
+			s.log.Warn("timer: HTTP task's OnDone handler failed", "id", c.row.id, "handler", onDone, "attempt", attempt, "err", hf.err)
+			callErr = errors.Join(callErr, fmt.Errorf("OnDone handler %q: %w", onDone, hf.err))
+			ended = false
+			giveUp = errors.Is(hf.err, ErrPermanent) || attempt >= maxAttempts
+			tries = 0
+			continue
+		}
 		b := loopBackoff(tries)
 		if ctx.Err() != nil || !s.cfg.Clock.Now().Add(b).Before(c.leaseEnd) {
 			s.log.Warn("timer: recording an HTTP task's outcome failed; it runs again after its lease", "id", c.row.id, "attempt", attempt, "call_err", callErr, "err", err)
@@ -325,26 +460,64 @@ func (s *Scheduler) runTask(ctx context.Context, c claimedTask) {
 	switch {
 	case n == 0:
 		s.log.Info("timer: HTTP task's outcome ignored: another scheduler took its lease, or it was cancelled", "id", c.row.id, "url", target, "attempt", attempt, "err", callErr)
-	case callErr == nil:
+	case ended:
+		if callErr != nil {
+			s.log.Warn("timer: HTTP task failed; its OnDone handler was told", "id", c.row.id, "url", target, "attempts", attempt, "handler", onDone, "err", callErr)
+		}
 		if s.cfg.OnFired != nil {
 			s.cfg.OnFired([]Fired{{ID: c.row.id, Kind: KindHTTP, Due: c.row.due, At: now, Attempt: attempt, Schedule: c.row.schedule}})
 		}
 	case giveUp:
 		s.log.Error("timer: HTTP task failed; kept for an operator", "id", c.row.id, "url", target, "attempts", attempt, "err", callErr)
 	default:
-		s.log.Warn("timer: HTTP task attempt failed; will retry", "id", c.row.id, "url", target, "attempt", attempt, "retry_at", retryAt, "err", callErr)
+		s.log.Warn("timer: HTTP task attempt failed; will retry", "id", c.row.id, "url", target, "attempt", attempt, "retry_at", retryAt(), "err", callErr)
 	}
+}
+
+// onDoneFailure is an OnDone handler's error, which rolled back the
+// transaction that recorded the task's end.
+type onDoneFailure struct{ err error }
+
+func (e *onDoneFailure) Error() string { return "OnDone handler: " + e.err.Error() }
+func (e *onDoneFailure) Unwrap() error { return e.err }
+
+// doneSource is the CloudEvents source of OnDone messages.
+const doneSource = "/troupe/timer"
+
+// runOnDone runs the task's OnDone handler in tx with the outcome.
+func (s *Scheduler) runOnDone(ctx context.Context, tx sqldb.Tx, c claimedTask, name string, now time.Time, res response, callErr error) error {
+	h := s.handler(name)
+	if h == nil {
+		return fmt.Errorf("%w %q: register it on every scheduler that runs HTTP tasks", ErrUnknownHandler, name)
+	}
+	m := message.New(doneSource, HTTPDoneType, res.body)
+	m.Subject, m.DataContentType = c.row.id, res.contentType
+	m.Extensions = map[string]string{ExtHTTPStatus: strconv.Itoa(res.status)}
+	for k, v := range c.task.Meta {
+		m.Extensions[k] = v
+	}
+	if callErr != nil {
+		m.Extensions[ExtHTTPError] = callErr.Error()
+	}
+	return s.call(ctx, tx, h, &Fired{ID: c.row.id, Kind: KindHTTP, Target: name, Due: c.row.due, At: now, Attempt: c.row.attempts, Schedule: c.row.schedule, Msg: m})
 }
 
 // maxRetryAfter caps a Retry-After the scheduler honors.
 const maxRetryAfter = time.Hour
+
+// response is what an attempt's response said, for OnDone.
+type response struct {
+	status      int
+	contentType string
+	body        []byte // read only for a task with OnDone
+}
 
 // call1 makes the HTTP call. answered reports a response (or a request that
 // can never be built): an outcome to record, as opposed to a call cut short.
 // err is nil for a 2xx response and a Permanent error for a status that
 // retrying cannot mend; retryAfter is the delay a Retry-After header asked
 // for.
-func (s *Scheduler) call1(ctx context.Context, c claimedTask) (answered bool, retryAfter time.Duration, err error) {
+func (s *Scheduler) call1(ctx context.Context, c claimedTask) (answered bool, res response, retryAfter time.Duration, err error) {
 	timeout := c.task.Timeout
 	if timeout == 0 {
 		timeout = s.cfg.HTTPTimeout
@@ -354,7 +527,7 @@ func (s *Scheduler) call1(ctx context.Context, c claimedTask) (answered bool, re
 	call := c.task.Method + " " + redactURL(c.task.URL)
 	req, err := http.NewRequestWithContext(ctx, c.task.Method, c.task.URL, bytes.NewReader(c.task.Body))
 	if err != nil {
-		return true, 0, Permanent(fmt.Errorf("%s: build request: %w", call, err))
+		return true, res, 0, Permanent(fmt.Errorf("%s: build request: %w", call, err))
 	}
 	for k, vs := range c.task.Header {
 		for _, v := range vs {
@@ -371,20 +544,33 @@ func (s *Scheduler) call1(ctx context.Context, c claimedTask) (answered bool, re
 		if ue, ok := errors.AsType[*url.Error](err); ok {
 			err = ue.Err // its text repeats the method and URL, unredacted
 		}
-		return false, 0, fmt.Errorf("%s: %w", call, err)
+		return false, res, 0, fmt.Errorf("%s: %w", call, err)
 	}
 	defer resp.Body.Close()
-	excerpt, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20)) // let the connection be reused
-	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
-		return true, 0, nil
+	res.status, res.contentType = resp.StatusCode, resp.Header.Get("Content-Type")
+	keep := int64(512)
+	if c.task.OnDone != "" {
+		keep = MaxDoneBody
 	}
+	body, rerr := io.ReadAll(io.LimitReader(resp.Body, keep))
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20)) // let the connection be reused
+	if c.task.OnDone != "" {
+		if rerr != nil && resp.StatusCode >= 200 && resp.StatusCode < 300 {
+			// A success whose body was cut off is no answer to hand on.
+			return ctx.Err() == nil, res, 0, fmt.Errorf("%s: %s: reading the body: %w", call, resp.Status, rerr)
+		}
+		res.body = body
+	}
+	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
+		return true, res, 0, nil
+	}
+	excerpt := body[:min(len(body), 512)]
 	err = fmt.Errorf("%s: %s: %s", call, resp.Status, strings.TrimSpace(string(excerpt)))
 	switch code := resp.StatusCode; {
 	case code == http.StatusRequestTimeout, code == http.StatusTooEarly, code == http.StatusTooManyRequests, code >= 500:
-		return true, retryAfterDelay(resp.Header.Get("Retry-After"), s.cfg.Clock.Now()), err
+		return true, res, retryAfterDelay(resp.Header.Get("Retry-After"), s.cfg.Clock.Now()), err
 	default:
-		return true, 0, Permanent(err)
+		return true, res, 0, Permanent(err)
 	}
 }
 

@@ -124,7 +124,8 @@ type Fired struct {
 	Attempt int
 	// Schedule names the recurring schedule that made the timer, or "".
 	Schedule string
-	// Msg is the timer's message (nil for HTTP tasks).
+	// Msg is the timer's message; for an HTTP task's OnDone handler, the
+	// call's outcome (read it with HTTPOutcomeOf); nil for other HTTP tasks.
 	Msg *message.Message
 }
 
