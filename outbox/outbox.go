@@ -80,7 +80,10 @@ func Partition(topic, subject string) int {
 // wrapped with sqldb.FromSQL or sqldb.FromPgx. On PostgreSQL the insert
 // NOTIFYs the channel "troupe_outbox" (a trigger does, delivered at commit),
 // which wakes relays in Notify mode; a relay in the same process can also be
-// woken with Relay.Notify after commit.
+// woken with Relay.Notify after commit. In a transaction of sqldb.DB.InTx on
+// PostgreSQL, the insert travels with the transaction's next statement or
+// its commit (sqldb.ExecLater), so it costs no round trip of its own; an
+// error it meets is then returned by that statement or the commit.
 func Add(ctx context.Context, tx sqldb.Tx, topic string, msgs ...*message.Message) error {
 	if topic == "" {
 		return fmt.Errorf("%w: empty topic", ErrInvalidMessage)
@@ -108,7 +111,7 @@ func Add(ctx context.Context, tx sqldb.Tx, topic string, msgs ...*message.Messag
 			rows = append(rows, m.ID, topic, m.Subject, Partition(topic, m.Subject), env, now)
 		}
 		q := "INSERT INTO troupe_outbox (id, topic, subject, partition, envelope, created_at) VALUES " + placeholders(len(chunk), 6)
-		if _, err := tx.Exec(ctx, q, rows...); err != nil {
+		if err := sqldb.ExecLater(ctx, tx, q, rows...); err != nil {
 			return fmt.Errorf("outbox: add %d messages to topic %q: %w", len(chunk), topic, err)
 		}
 	}

@@ -246,7 +246,9 @@ func (o *Orchestrator) save(ctx context.Context, tx sqldb.Tx, in *instance) erro
 			}
 			b.WriteByte(')')
 		}
-		if _, err := tx.Exec(ctx, b.String(), in.pending...); err != nil {
+		// Neither statement's result is needed: on PostgreSQL both travel
+		// with the transaction's next statement or its commit.
+		if err := sqldb.ExecLater(ctx, tx, b.String(), in.pending...); err != nil {
 			return fmt.Errorf("saga: record history of %q: %w", in.id, err)
 		}
 		in.pending = in.pending[:0]
@@ -255,7 +257,7 @@ func (o *Orchestrator) save(ctx context.Context, tx sqldb.Tx, in *instance) erro
 	if err != nil {
 		return fmt.Errorf("saga: save %q: %w", in.id, err)
 	}
-	_, err = tx.Exec(ctx, `UPDATE troupe_sagas SET status = $1, step = $2, awaiting = $3, attempt = $4, branches = $5, data = $6, reason = $7,
+	err = sqldb.ExecLater(ctx, tx, `UPDATE troupe_sagas SET status = $1, step = $2, awaiting = $3, attempt = $4, branches = $5, data = $6, reason = $7,
 		history_seq = $8, updated_at = $9 WHERE id = $10`,
 		string(in.status), in.step, in.awaiting, in.attempt, branches, in.data, in.reason, in.historySeq, o.cfg.Now().UTC(), in.id)
 	if err != nil {

@@ -116,7 +116,8 @@ func (db *DB) InTx(ctx context.Context, fn func(ctx context.Context, tx Tx) erro
 		if err != nil {
 			return fmt.Errorf("sqldb: begin transaction: %w", err)
 		}
-		return runTx(ctx, FromPgx(ptx), fn, ptx.Commit, ptx.Rollback)
+		pt := &pipeTx{tx: ptx}
+		return runTx(ctx, pt, fn, pt.commit, ptx.Rollback)
 	}
 	if ctx.Value(inTxKey{db}) != nil {
 		// It would wait forever for the lock its caller holds.

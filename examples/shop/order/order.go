@@ -540,7 +540,9 @@ func (s *Service) end(ctx context.Context, tx sqldb.Tx, id string, state State, 
 	if o.State != Pending {
 		return fmt.Errorf("order: %s is %s already; cannot make it %s", id, o.State, state)
 	}
-	if _, err := tx.Exec(ctx, `UPDATE shop_orders SET state = $1, reason = $2, updated_at = $3 WHERE id = $4`,
+	// The row is locked and its count not needed: on PostgreSQL the update
+	// travels with the transaction's next statement or its commit.
+	if err := sqldb.ExecLater(ctx, tx, `UPDATE shop_orders SET state = $1, reason = $2, updated_at = $3 WHERE id = $4`,
 		string(state), reason, time.Now().UTC(), id); err != nil {
 		return err
 	}
