@@ -317,3 +317,43 @@ func TestHandler_MessageThatCannotCommitDoesNotHoldBackTheRestOfItsBatch(t *test
 		}
 	})
 }
+
+func TestHandler_AFailingQueuedWriteIsBlamedOnItsOwnMessage(t *testing.T) {
+	// A write queued with sqldb.ExecLater fails when the next statement
+	// sends it: on PostgreSQL that is the next handler's, in the first,
+	// savepoint-less run of the batch. Only the message that queued it may
+	// fail; the next one is handled.
+	for _, tt := range []struct {
+		name string
+		bad  int
+	}{{"middle", 23}, {"last", 49}} {
+		t.Run(tt.name, func(t *testing.T) {
+			forEachDB(t, func(t *testing.T, db testDB) {
+				ctx := context.Background()
+				ib := newInbox(t, db.DB, inbox.Config{Backoff: fixedBackoff.Delay})
+				msgs := newMessages(50)
+				h := ib.Handler("billing", func(ctx context.Context, tx sqldb.Tx, m *message.Message) error {
+					if err := applyEffect(ctx, tx, "billing", m); err != nil {
+						return err
+					}
+					if m.ID == msgs[tt.bad].ID {
+						return sqldb.ExecLater(ctx, tx, `INSERT INTO no_such_table VALUES (1)`)
+					}
+					return nil
+				})
+				ds := deliveries(1, msgs...)
+				h(ctx, ds)
+				for i, d := range ds {
+					want := broker.Acked
+					if i == tt.bad {
+						want = broker.Naked
+					}
+					if got := settlement(d); got.s != want {
+						t.Errorf("message %d settled %+v, want %v", i, got, want)
+					}
+				}
+				wantOnlyFailing(t, db.DB, msgs, tt.bad)
+			})
+		})
+	}
+}

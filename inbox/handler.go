@@ -325,12 +325,17 @@ func (ib *Inbox) run(ctx context.Context, consumer string, h HandlerFunc, batch 
 	}
 }
 
-// abortedBefore reports whether a handler's error is PostgreSQL's refusal
-// to run statements in a transaction that an earlier statement's failure
-// aborted (SQLSTATE 25P02, in_failed_sql_transaction).
+// abortedBefore reports whether a handler's error may be another
+// message's fault: PostgreSQL's refusal to run statements in a transaction
+// that an earlier statement's failure aborted (SQLSTATE 25P02,
+// in_failed_sql_transaction), or the failure of a write queued by
+// sqldb.ExecLater, which the handler's statement only sent (the queue may
+// hold an earlier handler's writes). The run with savepoints, which sends
+// each handler's queued writes before the next handler starts, tells.
 func abortedBefore(err error) bool {
 	var coded interface{ SQLState() string }
-	return errors.As(err, &coded) && coded.SQLState() == "25P02"
+	var later *sqldb.LaterError
+	return errors.As(err, &later) || errors.As(err, &coded) && coded.SQLState() == "25P02"
 }
 
 // classify returns the result of a message whose handler failed with herr,
