@@ -211,7 +211,14 @@ func (s *Scheduler) fireDue(ctx context.Context, now time.Time) (fired []Fired, 
 	if hf := (*handlerFailure)(nil); errors.As(err, &hf) {
 		// The batch rolled back whole. Fire it again with a savepoint
 		// around each handler, recording hf's failure without calling its
-		// handler a second time for the same attempt.
+		// handler a second time for the same attempt — unless the failure
+		// was a write an earlier handler queued (sqldb.ExecLater), which
+		// hf's statement only sent: then every handler runs again, and the
+		// savepoints tell whose it was.
+		var later *sqldb.LaterError
+		if errors.As(hf.err, &later) {
+			hf = &handlerFailure{}
+		}
 		fired, full, err = s.fireBatch(ctx, now, hf, s.cfg.BatchSize)
 	}
 	if cf := (*commitFailure)(nil); errors.As(err, &cf) && ctx.Err() == nil {
@@ -392,7 +399,17 @@ func (s *Scheduler) apply(ctx context.Context, tx sqldb.Tx, now time.Time, rows 
 				continue
 			}
 			if _, err := tx.Exec(ctx, "RELEASE SAVEPOINT troupe_timer"); err != nil {
-				return nil, fmt.Errorf("release savepoint: %w", err)
+				var later *sqldb.LaterError
+				if !errors.As(err, &later) {
+					return nil, fmt.Errorf("release savepoint: %w", err)
+				}
+				// A write the handler queued failed when the release sent
+				// it: the handler failed.
+				if _, err := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT troupe_timer"); err != nil {
+					return nil, fmt.Errorf("roll back handler %q of timer %q: %w", r.target, r.id, err)
+				}
+				failed = append(failed, failure{row: r, err: err})
+				continue
 			}
 			fired = append(fired, f)
 			done = append(done, r.id)
