@@ -43,7 +43,8 @@
 // commits (its Notify, from the same hooks and after StartTx), or a call
 // starts only at the scheduler's next poll (Config.PollInterval).
 //
-// Not yet here (see the project's issues): choreography tracking.
+// A choreography (services reacting to each other's events, with no
+// orchestrator) is tracked as one flow by correlation id with package flow.
 //
 // # Parallel groups
 //

@@ -212,6 +212,9 @@ func Run(ctx context.Context, cfg Config) error {
 		"reserved credit = approved orders",
 		"reserved credit within the limit",
 	}
+	if cfg.Mode == order.Choreographed {
+		checks = append(checks, "every flow ended")
+	}
 	broken := map[string][]shop.Violation{}
 	for _, v := range violations {
 		broken[v.Invariant] = append(broken[v.Invariant], v)
@@ -241,6 +244,8 @@ func describe(invariant string) string {
 		return "each order's state matches its saga's (APPROVED exactly when the saga completed)"
 	case "reserved credit = approved orders":
 		return fmt.Sprintf("for each of the %d customers, reserved credit = the sum of its approved orders", customers)
+	case "every flow ended":
+		return "every choreographed flow (tracked by correlation id) completed or failed"
 	default:
 		return "no customer's reserved credit exceeds its limit"
 	}
