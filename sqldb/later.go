@@ -2,6 +2,7 @@ package sqldb
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -26,14 +27,29 @@ import (
 // they were queued after the last statement sent, so after every savepoint,
 // and rolling back would undo them anyway.
 //
-// args must not be modified until the transaction ends.
+// Without arguments the query may hold several statements separated by
+// semicolons, as with Tx.Exec.
+//
+// args are copied (byte slices included) when the statement is queued.
 func ExecLater(ctx context.Context, tx Tx, query string, args ...any) error {
 	if p, ok := tx.(*pipeTx); ok {
-		p.pending = append(p.pending, queued{sql: query, args: slices.Clone(args)})
+		p.pending = append(p.pending, queued{sql: query, args: cloneArgs(args)})
 		return nil
 	}
 	_, err := tx.Exec(ctx, query, args...)
 	return err
+}
+
+// cloneArgs copies args, and the byte slices among them, so that a caller
+// reusing its buffers cannot change what a queued statement writes.
+func cloneArgs(args []any) []any {
+	out := slices.Clone(args)
+	for i, a := range out {
+		if b, ok := a.([]byte); ok {
+			out[i] = slices.Clone(b)
+		}
+	}
+	return out
 }
 
 // LaterError is the error of a statement run by ExecLater, reported by the
@@ -81,6 +97,16 @@ func (t *pipeTx) flush(ctx context.Context) error {
 		}
 		return nil
 	}
+	if slices.ContainsFunc(pending, func(q queued) bool { return len(q.args) == 0 }) {
+		// A statement without arguments may hold several, which a
+		// pipeline cannot send as one: one round trip each.
+		for _, q := range pending {
+			if _, err := t.tx.Exec(ctx, q.sql, q.args...); err != nil {
+				return &LaterError{Query: q.sql, Err: err}
+			}
+		}
+		return nil
+	}
 	var b pgx.Batch
 	for _, q := range pending {
 		b.Queue(q.sql, q.args...)
@@ -89,6 +115,13 @@ func (t *pipeTx) flush(ctx context.Context) error {
 	for _, q := range pending {
 		if _, err := br.Exec(); err != nil {
 			br.Close()
+			// A statement that cannot be prepared, or whose arguments
+			// cannot be encoded, fails the whole batch before it runs:
+			// pgx names it.
+			var pe pgx.ErrPreprocessingBatch
+			if errors.As(err, &pe) {
+				return &LaterError{Query: pe.SQL(), Err: err}
+			}
 			return &LaterError{Query: q.sql, Err: err}
 		}
 	}

@@ -75,9 +75,13 @@ func (b *Broker) Publish(ctx context.Context, topic string, msgs ...*message.Mes
 	b.mu.Lock()
 	taken := b.held[topic]
 	out := append(make([]*message.Message, 0, len(msgs)+len(taken)), taken...)
+	orig := make([]int, len(taken), len(msgs)+len(taken)) // out[i] is msgs[orig[i]], or a copy (-1)
+	for i := range orig {
+		orig[i] = -1
+	}
 	delete(b.held, topic)
-	for _, m := range msgs {
-		out = append(out, m)
+	for k, m := range msgs {
+		out, orig = append(out, m), append(orig, k)
 		if b.rng.Float64() >= b.cfg.Duplicate {
 			continue
 		}
@@ -87,13 +91,30 @@ func (b *Broker) Publish(ctx context.Context, topic string, msgs ...*message.Mes
 			b.held[topic] = append(b.held[topic], m.Clone())
 			continue
 		}
-		out = append(out, m.Clone())
+		out, orig = append(out, m.Clone()), append(orig, -1)
 	}
 	if b.cfg.Reorder {
-		b.rng.Shuffle(len(out), func(i, j int) { out[i], out[j] = out[j], out[i] })
+		b.rng.Shuffle(len(out), func(i, j int) {
+			out[i], out[j] = out[j], out[i]
+			orig[i], orig[j] = orig[j], orig[i]
+		})
 	}
 	b.mu.Unlock()
 	err := b.Broker.Publish(ctx, topic, out...)
+	if pe := (*broker.PublishError)(nil); errors.As(err, &pe) {
+		// The caller reads the indices in its own batch; a copy's failure
+		// is not its concern.
+		mine := &broker.PublishError{Topic: topic, Failed: map[int]error{}, Total: len(msgs)}
+		for i, e := range pe.Failed {
+			if i >= 0 && i < len(orig) && orig[i] >= 0 {
+				mine.Failed[orig[i]] = e
+			}
+		}
+		err = nil
+		if len(mine.Failed) > 0 {
+			err = mine
+		}
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if err != nil {

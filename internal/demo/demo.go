@@ -338,6 +338,10 @@ func (w *workload) one(ctx context.Context, rng *rand.Rand, n int) error {
 	start := time.Now()
 	w.gate.RLock()
 	svc := w.shop.Order()
+	if svc == nil {
+		w.gate.RUnlock()
+		return fmt.Errorf("order %d: the Order service is not running", n)
+	}
 	o, err := svc.Place(ctx, req)
 	if err == nil && cancelIt {
 		if _, cerr := svc.Cancel(ctx, o.ID); cerr != nil && !errors.Is(cerr, order.ErrNotCancellable) {
@@ -353,6 +357,9 @@ func (w *workload) one(ctx context.Context, rng *rand.Rand, n int) error {
 		w.gate.RLock()
 		svc = w.shop.Order()
 		w.gate.RUnlock()
+		if svc == nil {
+			return fmt.Errorf("order %s: the Order service is not running", o.ID)
+		}
 		actx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		got, err := svc.Await(actx, o.ID)
 		cancel()

@@ -155,12 +155,16 @@ func (s *Service) Handler() http.Handler {
 			ctx, cancel := context.WithTimeout(r.Context(), min(d, 30*time.Second))
 			defer cancel()
 			o, err := s.Await(ctx, id)
-			if err != nil && !errors.Is(err, context.DeadlineExceeded) {
+			if err == nil {
+				writeJSON(w, http.StatusOK, o)
+				return
+			}
+			if !errors.Is(err, context.DeadlineExceeded) || r.Context().Err() != nil {
 				s.writeError(w, err)
 				return
 			}
-			writeJSON(w, http.StatusOK, o)
-			return
+			// The wait is over, possibly before Await read the order once:
+			// answer with the order as it is now.
 		}
 		o, err := s.Get(r.Context(), id)
 		if err != nil {
