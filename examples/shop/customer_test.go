@@ -26,7 +26,7 @@ func TestCustomer_ChoreographedReservationsRefusalsAndLateCreations(t *testing.T
 			}
 			var mu sync.Mutex
 			got := map[string]customer.Reservation{} // by order id, with the event type as Reason prefix
-			sub, err := h.broker.Subscribe(h.ctx, broker.SubscribeConfig{Topic: customer.EventTopic, Group: "review"},
+			sub, err := h.broker.Subscribe(h.ctx, broker.SubscribeConfig{Topic: customer.EventTopic, Group: "test-observer"},
 				func(_ context.Context, batch []*broker.Delivery) {
 					mu.Lock()
 					defer mu.Unlock()
