@@ -107,9 +107,24 @@ func (o *Orchestrator) RetryTx(ctx context.Context, tx sqldb.Tx, id string) erro
 // AbortTx ends a parked saga for good in tx, with the operator's reason:
 // its remaining compensations are left to the operator.
 func (o *Orchestrator) AbortTx(ctx context.Context, tx sqldb.Tx, id, reason string) error {
-	in, _, err := o.parked(ctx, tx, id)
+	in, def, err := o.parked(ctx, tx, id)
 	if err != nil {
 		return err
+	}
+	// Calls still pending (a group's branches, parked while another
+	// branch's compensation failed) are the operator's now: withdraw them.
+	if in.step >= 0 && in.step < len(def.steps) {
+		st := def.steps[in.step]
+		for _, m := range append([]step{st}, st.branches...) {
+			if !m.isHTTP() {
+				continue
+			}
+			for _, op := range []Op{Action, Compensation} {
+				if _, err := o.sched.TryCancelTx(ctx, tx, httpTaskID(in.id, m.name, op)); err != nil {
+					return err
+				}
+			}
+		}
 	}
 	in.status = Aborted
 	in.reason = in.reason + "; aborted: " + reason

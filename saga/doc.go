@@ -95,7 +95,10 @@
 //	Troupe-Saga-Source  the orchestrating service (Config.Source)
 //	Troupe-Attempt      the call's number, from 1
 //
-// A 2xx response is success, its body the reply's data for OnReply. A 409
+// A 2xx response is success, its body the reply's data for OnReply; a 2xx
+// to an action whose body could not be read whole (cut off, or over
+// timer.MaxDoneBody) counts as no answer, never as a success with part of
+// its data. A 409
 // or 422 is a business refusal, its body the reason; any other 4xx (and a
 // 3xx, which is not followed) is a refusal too. A network error, 408, 425,
 // 429 and 5xx are transient: the call is made again after the scheduler's

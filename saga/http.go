@@ -128,6 +128,11 @@ func httpVerdict(sagaID string, m step, op Op, calls int, out timer.HTTPOutcome)
 		body = body[:maxReason] + "..."
 	}
 	switch s := out.Status; {
+	case s >= 200 && s < 300 && out.Err != "" && op == Action:
+		// A success whose body could not be read whole (cut off, or over
+		// timer.MaxDoneBody): the timer reports a failure, and OnReply
+		// would get a cut body. The action ran: compensate it.
+		return verdict{kind: lost, reason: fmt.Sprintf("step %q: the %s's answer (HTTP %d) could not be read: %s", m.name, op, s, out.Err)}
 	case s >= 200 && s < 300:
 		rm := message.New(m.urlFor(op), ReplyType, out.Body)
 		rm.ID, rm.DataContentType = out.TaskID, out.ContentType

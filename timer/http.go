@@ -89,8 +89,10 @@ const (
 	ExtHTTPError = "httperror"
 )
 
-// MaxDoneBody is the most of a response body an OnDone handler gets; the
-// rest is cut.
+// MaxDoneBody is the most of a response body an OnDone handler gets. A
+// longer error response is cut; a longer 2xx response fails the task at
+// once (no answer can be handed on whole), and OnDone is told so without
+// the body.
 const MaxDoneBody = 1 << 20
 
 // HTTPOutcome is how an HTTP task ended, as its OnDone handler reads it.
@@ -552,12 +554,19 @@ func (s *Scheduler) call1(ctx context.Context, c claimedTask) (answered bool, re
 	if c.task.OnDone != "" {
 		keep = MaxDoneBody
 	}
-	body, rerr := io.ReadAll(io.LimitReader(resp.Body, keep))
+	body, rerr := io.ReadAll(io.LimitReader(resp.Body, keep+1))
+	over := int64(len(body)) > keep
+	body = body[:min(int64(len(body)), keep)]
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20)) // let the connection be reused
 	if c.task.OnDone != "" {
 		if rerr != nil && resp.StatusCode >= 200 && resp.StatusCode < 300 {
 			// A success whose body was cut off is no answer to hand on.
 			return ctx.Err() == nil, res, 0, fmt.Errorf("%s: %s: reading the body: %w", call, resp.Status, rerr)
+		}
+		if over && resp.StatusCode >= 200 && resp.StatusCode < 300 {
+			// Nor is one whose body is over the limit; calling again gets
+			// the same answer.
+			return true, res, 0, Permanent(fmt.Errorf("%s: %s: the body is over %d bytes", call, resp.Status, keep))
 		}
 		res.body = body
 	}
