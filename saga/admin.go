@@ -113,6 +113,12 @@ func (o *Orchestrator) AbortTx(ctx context.Context, tx sqldb.Tx, id, reason stri
 	}
 	// Calls still pending (a group's branches, parked while another
 	// branch's compensation failed) are the operator's now: withdraw them.
+	// CancelTx, not TryCancelTx: skipping a call whose row the scheduler
+	// holds at this moment (recording a 503, say) would leave it to be
+	// made after the abort. The wait is short (the scheduler's row locks
+	// are held for a write, not for a call); should it deadlock with a
+	// call's outcome waiting for this saga's row, PostgreSQL ends one of
+	// the two and the operator tries again.
 	if in.step >= 0 && in.step < len(def.steps) {
 		st := def.steps[in.step]
 		for _, m := range append([]step{st}, st.branches...) {
@@ -120,7 +126,7 @@ func (o *Orchestrator) AbortTx(ctx context.Context, tx sqldb.Tx, id, reason stri
 				continue
 			}
 			for _, op := range []Op{Action, Compensation} {
-				if _, err := o.sched.TryCancelTx(ctx, tx, httpTaskID(in.id, m.name, op)); err != nil {
+				if _, err := o.sched.CancelTx(ctx, tx, httpTaskID(in.id, m.name, op)); err != nil {
 					return err
 				}
 			}

@@ -280,6 +280,23 @@ func TestHTTPStep_AnActionPastItsDeadlineIsNotCalledAgain(t *testing.T) {
 			})
 			f.begin(tripData{ID: "d1", Credit: 40})
 			receive(t, called, "the action's first call")
+			// Once the 503 is recorded (the call is due again in 120 s, past
+			// the lease it held during the call): a
+			// deadline that fires while that write holds the call's row
+			// cannot withdraw it (TryCancelTx skips locked rows), a race
+			// this test does not cover.
+			for deadline := time.Now().Add(20 * time.Second); ; {
+				var n int
+				err := f.db.QueryRow(f.ctx, `SELECT count(*) FROM troupe_timers WHERE id LIKE $1 AND due_at > $2`,
+					"saga-http/trip-d1/%", f.clock.Now().Add(90*time.Second).UTC()).Scan(&n)
+				if err == nil && n == 1 {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("the 503 was not recorded (%v)", err)
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
 			f.clock.Advance(time.Minute) // the step's deadline
 			in := f.waitStatus("d1", saga.Compensated)
 			if !strings.Contains(in.Reason, "deadline") {
