@@ -1,9 +1,11 @@
 // Package faulty wraps a broker so that it misbehaves the way real ones do
 // under failures: it publishes some messages twice (a producer's retry after
 // a lost acknowledgement), holds some copies back to publish them with a
-// later call (a delayed redelivery), and shuffles each call's messages
-// (reordering across a topic's subjects). Tests, the demo and chaos runs
-// use it to show that consumers built on the inbox have every effect once.
+// later call (a delayed redelivery), and shuffles each call's messages. The
+// shuffle reorders messages of one subject too, which breaks the order a
+// broker keeps per subject: a consumer that relies on that order should
+// be tested without Reorder. Tests, the demo and chaos runs use it to show
+// that consumers built on the inbox have every effect once.
 //
 // A duplicate keeps its original's id and source, as a retried publish
 // does: it is the same message, twice.
@@ -28,7 +30,8 @@ type Config struct {
 	// published with the next Publish call to the same topic (or by
 	// Flush), instead of right after their original.
 	Delay float64
-	// Reorder shuffles the messages of each Publish call.
+	// Reorder shuffles the messages of each Publish call, those of one
+	// subject included.
 	Reorder bool
 	// Seed makes a run repeatable. Default 1.
 	Seed uint64
