@@ -20,22 +20,24 @@ var ErrNotParked = errors.New("saga: the saga is not parked")
 // HistoryEntry is one transition of a saga.
 type HistoryEntry struct {
 	// Seq orders a saga's entries, from 1.
-	Seq int
+	Seq int `json:"seq"`
 	// Step and Op name the step and side, when the entry concerns one. An
 	// entry of a parallel group's branch names the branch (names are
 	// unique across a saga's steps and branches).
-	Step, Op string
+	Step string `json:"step,omitempty"`
+	// Op is "action" or "compensation".
+	Op string `json:"op,omitempty"`
 	// Attempt is the command's send count, for command steps.
-	Attempt int
+	Attempt int `json:"attempt,omitempty"`
 	// Event is what happened: started, sent, done, refused, failed,
 	// deadline, abandoned (a group's branch compensated without awaiting
 	// its action's answer), ignored-reply, completed, compensated,
 	// parked-retried, aborted.
-	Event string
+	Event string `json:"event"`
 	// Detail adds the reason or the command's message id.
-	Detail string
+	Detail string `json:"detail,omitempty"`
 	// At is when, by the orchestrator's clock.
-	At time.Time
+	At time.Time `json:"at"`
 }
 
 // History returns a saga's transitions in order.

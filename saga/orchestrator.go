@@ -3,6 +3,7 @@ package saga
 import (
 	"context"
 	"embed"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -731,18 +732,33 @@ func (o *Orchestrator) deadline(ctx context.Context, tx sqldb.Tx, f *timer.Fired
 
 // Info is a saga instance as stored.
 type Info struct {
-	// ID, Name and Version identify the instance and its definition.
-	ID, Name string
+	// ID and Name identify the instance and its definition.
+	ID   string `json:"id"`
+	Name string `json:"name"`
 	// Version is the definition's version.
-	Version int
+	Version int `json:"version"`
 	// Status is where it stands; Reason why it compensated or is parked.
-	Status Status
+	Status Status `json:"status"`
 	// Reason explains a compensation or a parking.
-	Reason string
+	Reason string `json:"reason,omitempty"`
 	// Step is the index of the step in progress.
-	Step int
+	Step int `json:"step"`
 	// Data is the saga's data, as JSON.
-	Data []byte
+	Data []byte `json:"data,omitempty"`
+}
+
+// MarshalJSON encodes the instance with its data as the JSON it is, not as
+// base64, for APIs and dashboards.
+func (in Info) MarshalJSON() ([]byte, error) {
+	type plain Info
+	var data json.RawMessage
+	if json.Valid(in.Data) {
+		data = in.Data
+	}
+	return json.Marshal(struct {
+		plain
+		Data json.RawMessage `json:"data,omitempty"`
+	}{plain(in), data})
 }
 
 // Get reads a saga instance.

@@ -45,3 +45,48 @@ func TestShop_GetOrderWithAnExpiredWaitAnswersTheOrderAsItIs(t *testing.T) {
 		})
 	}
 }
+
+// GET /orders/{id}/saga shows the saga as an operator reads it: its state
+// with its data as JSON, and its history entry by entry.
+func TestShop_TheSagaOfAnOrderIsShownWithItsDataAndHistory(t *testing.T) {
+	h := newHarness(t, "sqlite")
+	o := h.place("c1", 100)
+	if got := h.await(o.ID); got.State != order.Approved {
+		t.Fatalf("order %s, want APPROVED", got.State)
+	}
+	srv := httptest.NewServer(h.shop.Handler())
+	t.Cleanup(srv.Close)
+	resp, err := http.Get(srv.URL + "/orders/" + o.ID + "/saga")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var got struct {
+		Saga struct {
+			ID     string `json:"id"`
+			Status string `json:"status"`
+			Data   struct {
+				OrderID string `json:"order_id"`
+				Total   int64  `json:"total"`
+			} `json:"data"`
+		} `json:"saga"`
+		History []struct {
+			Seq   int    `json:"seq"`
+			Step  string `json:"step"`
+			Event string `json:"event"`
+		} `json:"history"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&got); err != nil {
+		t.Fatal(err)
+	}
+	if got.Saga.ID != o.ID || got.Saga.Status != "completed" || got.Saga.Data.OrderID != o.ID || got.Saga.Data.Total != 100 {
+		t.Errorf("saga %+v: want order %s's completed saga with its data", got.Saga, o.ID)
+	}
+	var events []string
+	for _, e := range got.History {
+		events = append(events, e.Step+" "+e.Event)
+	}
+	if len(got.History) == 0 || got.History[0].Seq != 1 || got.History[0].Event != "started" || got.History[len(got.History)-1].Event != "completed" {
+		t.Errorf("history %v: want it from started to completed", events)
+	}
+}
