@@ -161,9 +161,12 @@ func Run(ctx context.Context, cfg Config) error {
 	w := &workload{cfg: cfg, shop: s, limits: limits}
 	start := time.Now()
 	progressDone := make(chan struct{})
-	go w.progress(ctx, out, start, progressDone)
+	var progress sync.WaitGroup
+	progress.Go(func() { w.progress(ctx, out, start, progressDone) })
 	err = w.run(ctx)
 	close(progressDone)
+	progress.Wait() // its last line is written before the next ones
+
 	if err != nil {
 		return err
 	}
