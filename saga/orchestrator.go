@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -169,9 +170,25 @@ func (o *Orchestrator) definition(name string, version int) (*definition, error)
 }
 
 // Handler returns the broker handler for ReplyTopic; consumer names the
-// subscription's group.
+// subscription's group. Each batch is handled in the order of its sagas'
+// ids (each saga's replies keep their order), so that several
+// subscriptions of the group, whose batches may concern the same sagas,
+// lock their rows in the same order instead of deadlocking.
 func (o *Orchestrator) Handler(consumer string) broker.Handler {
-	return o.ib.Handler(consumer, o.HandleReplyTx)
+	h := o.ib.Handler(consumer, o.HandleReplyTx)
+	return func(ctx context.Context, batch []*broker.Delivery) {
+		slices.SortStableFunc(batch, func(a, b *broker.Delivery) int {
+			return strings.Compare(replySaga(a), replySaga(b))
+		})
+		h(ctx, batch)
+	}
+}
+
+func replySaga(d *broker.Delivery) string {
+	if d.Msg == nil {
+		return ""
+	}
+	return d.Msg.Extensions[ExtSagaID]
 }
 
 // instance is a saga's row.

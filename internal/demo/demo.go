@@ -13,7 +13,6 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"os"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"text/tabwriter"
@@ -23,6 +22,7 @@ import (
 	"github.com/troupedev/troupe/examples/shop"
 	"github.com/troupedev/troupe/examples/shop/customer"
 	"github.com/troupedev/troupe/examples/shop/order"
+	"github.com/troupedev/troupe/internal/bench"
 	"github.com/troupedev/troupe/internal/brokeropen"
 	"github.com/troupedev/troupe/internal/servicedb"
 	"github.com/troupedev/troupe/retry"
@@ -192,7 +192,8 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 
 	fmt.Fprintf(out, "[4/4] results\n\n")
-	lat := w.latencies()
+	var lat bench.Result
+	w.rec.Fill(&lat, elapsed)
 	tw := tabwriter.NewWriter(out, 0, 0, 3, ' ', 0)
 	row := func(k, v string) { fmt.Fprintf(tw, "  %s\t%s\n", k, v) }
 	row("orders approved", fmt.Sprint(tot.Approved))
@@ -200,7 +201,7 @@ func Run(ctx context.Context, cfg Config) error {
 	row("orders cancelled (compensated: credit released)", fmt.Sprint(tot.Cancelled))
 	row("orders still pending", fmt.Sprint(tot.Pending))
 	row("sagas per second (place to end)", fmt.Sprintf("%.0f", float64(cfg.Orders)/elapsed.Seconds()))
-	row("latency p50 / p99 / max", fmt.Sprintf("%s / %s / %s", ms(pct(lat, 0.50)), ms(pct(lat, 0.99)), ms(pct(lat, 1))))
+	row("latency p50 / p99 / max", fmt.Sprintf("%.1f ms / %.1f ms / %.1f ms", lat.P50Ms, lat.P99Ms, lat.MaxMs))
 	row("injected: Customer transient failures", fmt.Sprint(injected))
 	fst := fb.Stats()
 	row("injected: messages duplicated (late)", fmt.Sprintf("%d (%d)", fst.Duplicated, fst.Delayed))
@@ -264,9 +265,7 @@ type workload struct {
 	placed   atomic.Int64
 	ended    atomic.Int64
 	restarts atomic.Int64
-	mu       sync.Mutex
-	lat      []time.Duration
-	orderIDs []string
+	rec      bench.Recorder // place-to-end latency of each order
 }
 
 func (w *workload) run(ctx context.Context) error {
@@ -380,10 +379,7 @@ func (w *workload) one(ctx context.Context, rng *rand.Rand, n int) error {
 	}
 	d := time.Since(start)
 	w.ended.Add(1)
-	w.mu.Lock()
-	w.lat = append(w.lat, d)
-	w.orderIDs = append(w.orderIDs, o.ID)
-	w.mu.Unlock()
+	w.rec.Observe(d)
 	return nil
 }
 
@@ -426,21 +422,3 @@ func (w *workload) quiesce(ctx context.Context) ([]shop.Violation, error) {
 		}
 	}
 }
-
-func (w *workload) latencies() []time.Duration {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	s := slices.Clone(w.lat)
-	slices.Sort(s)
-	return s
-}
-
-func pct(sorted []time.Duration, q float64) time.Duration {
-	if len(sorted) == 0 {
-		return 0
-	}
-	i := int(q*float64(len(sorted))+0.5) - 1
-	return sorted[min(max(i, 0), len(sorted)-1)]
-}
-
-func ms(d time.Duration) string { return fmt.Sprintf("%.1f ms", float64(d)/1e6) }

@@ -361,7 +361,7 @@ func (s *Service) Start(ctx context.Context) error {
 		return nil
 	}
 	replies := s.waking(s.orch.Handler("order"))
-	events := s.waking(s.ib.Handler("order-customer-events", s.onCustomerEvent))
+	events := s.waking(byOrder(s.ib.Handler("order-customer-events", s.onCustomerEvent)))
 	for range s.cfg.Consumers {
 		if err := subscribe(ReplyTopic, "order", replies); err != nil {
 			return err
@@ -399,16 +399,10 @@ func (s *Service) Stop(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// waking handles a batch in the order of its orders' ids, so that two
-// consumers whose batches concern the same orders lock their rows in the
-// same order instead of deadlocking, then wakes the callers awaiting those
-// orders, after the batch's transaction committed (h has returned). Each
-// order's messages keep their order: the sort is stable.
+// waking wakes the callers awaiting the orders a batch concerned, after
+// the batch's transaction committed (h has returned).
 func (s *Service) waking(h broker.Handler) broker.Handler {
 	return func(ctx context.Context, batch []*broker.Delivery) {
-		slices.SortStableFunc(batch, func(a, b *broker.Delivery) int {
-			return strings.Compare(correlation(a), correlation(b))
-		})
 		h(ctx, batch)
 		for _, d := range batch {
 			if d.Msg != nil {
@@ -587,6 +581,19 @@ func (s *Service) onCustomerEvent(ctx context.Context, tx sqldb.Tx, m *message.M
 		return s.end(ctx, tx, o.ID, Cancelled, errCancelled.Error())
 	default:
 		return s.end(ctx, tx, o.ID, Approved, "")
+	}
+}
+
+// byOrder handles a batch in the order of its orders' ids (the
+// orchestrator's Handler does the same for replies), so that two consumers
+// whose batches concern the same orders lock their rows in the same order
+// instead of deadlocking. Each order's messages keep their order.
+func byOrder(h broker.Handler) broker.Handler {
+	return func(ctx context.Context, batch []*broker.Delivery) {
+		slices.SortStableFunc(batch, func(a, b *broker.Delivery) int {
+			return strings.Compare(correlation(a), correlation(b))
+		})
+		h(ctx, batch)
 	}
 }
 
