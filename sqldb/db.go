@@ -90,6 +90,8 @@ type DB struct {
 	// in order, the moment it is free, and leaves the busy handler to
 	// arbitrate only with other processes (and other DBs on the file).
 	writer chan struct{}
+
+	stmts *stmtCache // SQLite
 }
 
 // Open connects to the database named by url and checks that it answers,
@@ -231,7 +233,8 @@ func openSQLite(ctx context.Context, rawURL, dsnBase, path, userQuery string, c 
 		}
 		return nil, fmt.Errorf("sqldb: open SQLite database %s: %w", path, err)
 	}
-	return &DB{dialect: SQLite, sqlDB: sqlDB, q: sqlTx{q: sqlDB, d: SQLite}, writer: make(chan struct{}, 1)}, nil
+	stmts := newStmtCache(sqlDB)
+	return &DB{dialect: SQLite, sqlDB: sqlDB, q: sqlTx{q: sqlDB, d: SQLite, c: stmts}, stmts: stmts, writer: make(chan struct{}, 1)}, nil
 }
 
 // Dialect returns the database's SQL dialect.
@@ -252,6 +255,7 @@ func (db *DB) Close() error {
 		db.pool.Close()
 		return nil
 	}
+	db.stmts.close()
 	return db.sqlDB.Close()
 }
 

@@ -124,6 +124,9 @@ func (db *DB) InTx(ctx context.Context, fn func(ctx context.Context, tx Tx) erro
 		return errors.New("sqldb: InTx called inside an InTx of the same SQLite DB: use the Tx you were given")
 	}
 	ctx = context.WithValue(ctx, inTxKey{db}, true)
+	// Deferred first, so run last: once the transaction's connection and
+	// the write lock are free (see stmtCache).
+	defer db.stmts.prepareNoted(ctx)
 	select {
 	case db.writer <- struct{}{}:
 	case <-ctx.Done():
@@ -134,7 +137,7 @@ func (db *DB) InTx(ctx context.Context, fn func(ctx context.Context, tx Tx) erro
 	if err != nil {
 		return fmt.Errorf("sqldb: begin transaction: %w", err)
 	}
-	return runTx(ctx, FromSQL(stx, db.dialect), fn,
+	return runTx(ctx, sqlTx{q: stx, d: db.dialect, c: db.stmts, tx: stx}, fn,
 		func(context.Context) error { return stx.Commit() },
 		func(context.Context) error { return stx.Rollback() })
 }
@@ -192,10 +195,34 @@ type sqlQueryer interface {
 type sqlTx struct {
 	q sqlQueryer
 	d Dialect
+
+	// c, if not nil, keeps the DB's statements prepared; tx is the
+	// transaction q is, if it is one.
+	c  *stmtCache
+	tx *sql.Tx
+}
+
+// queryer returns what runs query: a prepared statement when the cache
+// has one (or, outside a transaction, can make one), else t.q; and the
+// SQL to give it.
+func (t sqlTx) queryer(ctx context.Context, query string, args []any) (sqlQueryer, string) {
+	q := t.rewrite(query)
+	if t.c == nil || len(args) == 0 {
+		return t.q, q
+	}
+	s := t.c.get(ctx, query, q, t.tx != nil)
+	if s == nil {
+		return t.q, q
+	}
+	if t.tx != nil {
+		s = t.tx.StmtContext(ctx, s)
+	}
+	return stmtQueryer{s}, q
 }
 
 func (t sqlTx) Exec(ctx context.Context, query string, args ...any) (int64, error) {
-	res, err := t.q.ExecContext(ctx, t.rewrite(query), args...)
+	q, sql := t.queryer(ctx, query, args)
+	res, err := q.ExecContext(ctx, sql, args...)
 	if err != nil {
 		return 0, err
 	}
@@ -203,7 +230,8 @@ func (t sqlTx) Exec(ctx context.Context, query string, args ...any) (int64, erro
 }
 
 func (t sqlTx) Query(ctx context.Context, query string, args ...any) (Rows, error) {
-	rows, err := t.q.QueryContext(ctx, t.rewrite(query), args...)
+	q, sql := t.queryer(ctx, query, args)
+	rows, err := q.QueryContext(ctx, sql, args...)
 	if err != nil {
 		return nil, err
 	}
@@ -211,7 +239,24 @@ func (t sqlTx) Query(ctx context.Context, query string, args ...any) (Rows, erro
 }
 
 func (t sqlTx) QueryRow(ctx context.Context, query string, args ...any) Row {
-	return t.q.QueryRowContext(ctx, t.rewrite(query), args...)
+	q, sql := t.queryer(ctx, query, args)
+	return q.QueryRowContext(ctx, sql, args...)
+}
+
+// stmtQueryer runs a prepared statement, ignoring the query it is given
+// (the statement's own).
+type stmtQueryer struct{ s *sql.Stmt }
+
+func (q stmtQueryer) ExecContext(ctx context.Context, _ string, args ...any) (sql.Result, error) {
+	return q.s.ExecContext(ctx, args...)
+}
+
+func (q stmtQueryer) QueryContext(ctx context.Context, _ string, args ...any) (*sql.Rows, error) {
+	return q.s.QueryContext(ctx, args...)
+}
+
+func (q stmtQueryer) QueryRowContext(ctx context.Context, _ string, args ...any) *sql.Row {
+	return q.s.QueryRowContext(ctx, args...)
 }
 
 // rewrite makes a SQLite query's many $N placeholders cheap to bind (see
