@@ -92,6 +92,8 @@ type DB struct {
 	writer chan struct{}
 
 	stmts *stmtCache // SQLite
+
+	groupState // SQLite: InGroupTx
 }
 
 // Open connects to the database named by url and checks that it answers,

@@ -413,7 +413,8 @@ func (s *Service) waking(h broker.Handler) broker.Handler {
 }
 
 // Place validates req, creates the order PENDING and starts its business
-// transaction, in one local transaction. An invalid request returns a
+// transaction, in one local transaction, which it may share with orders
+// placed at the same time (sqldb.DB.InGroupTx). An invalid request returns a
 // *ValidationError (errors.Is ErrInvalid).
 func (s *Service) Place(ctx context.Context, req PlaceRequest) (Order, error) {
 	if err := req.Validate(); err != nil {
@@ -426,7 +427,9 @@ func (s *Service) Place(ctx context.Context, req PlaceRequest) (Order, error) {
 	if err != nil {
 		return Order{}, err
 	}
-	err = s.db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+	// Orders placed at the same time commit together (on SQLite, where
+	// write transactions run one at a time).
+	err = s.db.InGroupTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
 		if _, err := tx.Exec(ctx, `INSERT INTO shop_orders (id, customer_id, items, total, state, mode, created_at, updated_at)
 			VALUES ($1, $2, $3, $4, $5, $6, $7, $7)`, o.ID, o.CustomerID, string(items), o.Total, string(o.State), string(o.Mode), now); err != nil {
 			return err
