@@ -42,6 +42,12 @@ type Relay struct {
 	mu         sync.Mutex
 	owned      []int     // partitions held, sorted
 	leaseUntil time.Time // when the leases on owned expire
+
+	marks *marker // marks published rows delivered, apart from the rounds
+
+	// published is, per partition, the highest seq the relay published (on
+	// SQLite; see read). Used by the loop's goroutine only.
+	published map[int]int64
 }
 
 // NewRelay returns a relay that publishes db's outbox to pub. The outbox's
@@ -54,7 +60,7 @@ func NewRelay(db *sqldb.DB, pub broker.Publisher, cfg RelayConfig) (*Relay, erro
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	return &Relay{db: db, pub: pub, cfg: cfg, log: cfg.Logger.With("relay", cfg.Owner), wake: make(chan struct{}, 1)}, nil
+	return &Relay{db: db, pub: pub, cfg: cfg, log: cfg.Logger.With("relay", cfg.Owner), wake: make(chan struct{}, 1), published: map[int]int64{}}, nil
 }
 
 // Notify wakes the relay: it reads the outbox at once instead of waiting for
@@ -106,7 +112,13 @@ func (r *Relay) Run(ctx context.Context) error {
 		wg.Go(func() { r.listen(ctx) })
 	}
 	wg.Go(func() { r.retain(ctx) })
+	marks := newMarker(r)
+	r.marks = marks
+	markerDone := make(chan struct{})
+	go func() { defer close(markerDone); marks.run(ctx) }()
 	r.loop(ctx)
+	marks.stop()
+	<-markerDone
 	return nil
 }
 
@@ -185,11 +197,20 @@ type pending struct {
 // marks the published ones delivered. full reports that some partition had
 // more rows than the batch took.
 func (r *Relay) round(ctx context.Context) (full bool, err error) {
+	pg := r.db.Dialect() == sqldb.Postgres
+	var skip []int64
+	if pg {
+		if skip, err = r.marks.pending(); err != nil {
+			return false, err
+		}
+	} else if err := r.marks.check(); err != nil {
+		return false, err
+	}
 	parts, left := r.held()
 	if len(parts) == 0 {
 		return false, nil
 	}
-	rows, full, err := r.read(ctx, parts)
+	rows, full, err := r.read(ctx, parts, skip)
 	if err != nil || len(rows) == 0 {
 		return false, err
 	}
@@ -267,19 +288,35 @@ func (r *Relay) round(ctx context.Context) (full bool, err error) {
 	for _, p := range rows {
 		if s, blocked := blockedFrom[p.Partition]; p.err == nil && (!blocked || p.Seq < s) {
 			done = append(done, p.Seq)
+			if !pg {
+				r.published[p.Partition] = max(r.published[p.Partition], p.Seq)
+			}
 		}
 	}
-	if err := MarkDelivered(ctx, r.db, r.cfg.Clock.Now(), done...); err != nil {
-		return false, err
-	}
+	r.marks.add(done)
 	if firstErr != nil {
 		return false, fmt.Errorf("outbox: %d of %d messages not published: %w", failed, len(rows), firstErr)
 	}
 	return full, nil
 }
 
-// read returns up to BatchSize pending rows of each of parts, in seq order.
-func (r *Relay) read(ctx context.Context, parts []int) ([]pending, bool, error) {
+// read returns up to BatchSize pending rows of each of parts, in seq order,
+// leaving out the rows published and not yet marked delivered (skip).
+//
+// On PostgreSQL they are left out by seq. On SQLite, whose transactions
+// commit one at a time, seqs commit in order, so the rows a relay published
+// in a partition are exactly its pending rows up to the highest seq it
+// published there (a row that failed, and the rows behind it, are not
+// published), and a bound per partition leaves them out more cheaply.
+func (r *Relay) read(ctx context.Context, parts []int, skip []int64) ([]pending, bool, error) {
+	pg := r.db.Dialect() == sqldb.Postgres
+	var args []any
+	if pg {
+		if skip == nil {
+			skip = []int64{}
+		}
+		args = append(args, skip)
+	}
 	var q strings.Builder
 	for i, p := range parts {
 		if i > 0 {
@@ -288,7 +325,14 @@ func (r *Relay) read(ctx context.Context, parts []int) ([]pending, bool, error) 
 		ps := strconv.Itoa(p)
 		q.WriteString("SELECT seq, id, topic, subject, partition, envelope FROM (SELECT seq, id, topic, subject, partition, envelope FROM troupe_outbox WHERE partition = ")
 		q.WriteString(ps)
-		q.WriteString(" AND delivered_at IS NULL ORDER BY seq LIMIT ")
+		q.WriteString(" AND delivered_at IS NULL")
+		if pg {
+			q.WriteString(" AND seq <> ALL($1::bigint[])")
+		} else {
+			args = append(args, r.published[p])
+			q.WriteString(" AND seq > $" + strconv.Itoa(len(args)))
+		}
+		q.WriteString(" ORDER BY seq LIMIT ")
 		q.WriteString(strconv.Itoa(r.cfg.BatchSize))
 		q.WriteString(") AS p")
 		q.WriteString(ps)
@@ -308,7 +352,7 @@ func (r *Relay) read(ctx context.Context, parts []int) ([]pending, bool, error) 
 				return err
 			}
 		}
-		rows, err := tx.Query(ctx, q.String())
+		rows, err := tx.Query(ctx, q.String(), args...)
 		if err != nil {
 			return err
 		}
@@ -324,7 +368,7 @@ func (r *Relay) read(ctx context.Context, parts []int) ([]pending, bool, error) 
 		return rows.Close()
 	}
 	var err error
-	if r.db.Dialect() == sqldb.Postgres {
+	if pg {
 		err = r.db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error { return read(ctx, tx) })
 	} else {
 		// Not in a transaction: on SQLite it would take the write lock,
