@@ -432,7 +432,9 @@ func (o *Orchestrator) runLocal(ctx context.Context, tx sqldb.Tx, in *instance,
 	if ferr != nil {
 		return nil, nil, ferr
 	}
-	if _, err := tx.Exec(ctx, "RELEASE SAVEPOINT troupe_saga_step"); err != nil {
+	// Nothing waits for the release: on PostgreSQL it travels with the
+	// transaction's next statement.
+	if err := sqldb.ExecLater(ctx, tx, "RELEASE SAVEPOINT troupe_saga_step"); err != nil {
 		return nil, nil, fmt.Errorf("saga: release savepoint: %w", err)
 	}
 	return data, nil, nil

@@ -315,6 +315,8 @@ func (s *Service) createOrderSaga() *saga.Definition[sagaData] {
 			Deadline:    s.cfg.Deadline,
 			MaxAttempts: s.cfg.MaxAttempts,
 		}, {
+			// The last step: approving is the order's end, in the
+			// transaction of the step.
 			Name: "approve",
 			Local: func(ctx context.Context, tx sqldb.Tx, _ string, d *sagaData) error {
 				o, err := lockOrder(ctx, tx, d.OrderID)
@@ -324,21 +326,18 @@ func (s *Service) createOrderSaga() *saga.Definition[sagaData] {
 				if o.Cancel {
 					return saga.Refuse(errCancelled)
 				}
-				return nil
+				return s.endLocked(ctx, tx, o, Approved, "")
 			},
 		}},
-		OnCompleted: func(ctx context.Context, tx sqldb.Tx, _ string, d *sagaData) error {
-			return s.end(ctx, tx, d.OrderID, Approved, "")
-		},
 		OnCompensated: func(ctx context.Context, tx sqldb.Tx, _ string, d *sagaData, reason string) error {
 			o, err := lockOrder(ctx, tx, d.OrderID)
 			if err != nil {
 				return err
 			}
 			if o.Cancel && reason == errCancelled.Error() {
-				return s.end(ctx, tx, d.OrderID, Cancelled, reason)
+				return s.endLocked(ctx, tx, o, Cancelled, reason)
 			}
-			return s.end(ctx, tx, d.OrderID, Rejected, reason)
+			return s.endLocked(ctx, tx, o, Rejected, reason)
 		},
 	}
 }
@@ -534,6 +533,12 @@ func (s *Service) end(ctx context.Context, tx sqldb.Tx, id string, state State, 
 	if err != nil {
 		return err
 	}
+	return s.endLocked(ctx, tx, o, state, reason)
+}
+
+// endLocked is end of an order tx read and locked.
+func (s *Service) endLocked(ctx context.Context, tx sqldb.Tx, o Order, state State, reason string) error {
+	id := o.ID
 	if o.State != Pending {
 		return fmt.Errorf("order: %s is %s already; cannot make it %s", id, o.State, state)
 	}
