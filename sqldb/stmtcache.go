@@ -18,8 +18,9 @@ const maxCachedStmts = 512
 // of the CPU of a saga benchmark on SQLite, spent while holding the write
 // lock.
 //
-// Only statements with arguments are cached (without, a query may hold
-// several statements, which a prepared statement cannot). Outside a
+// A query without arguments that holds a semicolon is not cached: it may
+// be several statements, which the driver parses at every execution
+// anyway. Outside a
 // transaction a statement is prepared at its first use. Inside one it is
 // not: preparing on the DB takes a connection from the pool, which the
 // transaction's own may have left empty, so it would wait for connections

@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -207,7 +208,9 @@ type sqlTx struct {
 // SQL to give it.
 func (t sqlTx) queryer(ctx context.Context, query string, args []any) (sqlQueryer, string) {
 	q := t.rewrite(query)
-	if t.c == nil || len(args) == 0 {
+	if t.c == nil || (len(args) == 0 && strings.ContainsRune(query, ';')) {
+		// Without arguments a query may be several statements, parsed at
+		// every execution anyway (see stmtCache).
 		return t.q, q
 	}
 	s := t.c.get(ctx, query, q, t.tx != nil)
