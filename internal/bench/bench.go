@@ -43,6 +43,10 @@ type Config struct {
 	// outbox, the relay mode "poll", "notify" (the default) or "wal".
 	// Empty gives the benchmark's default.
 	Mode string `json:"mode,omitempty"`
+	// SQLiteFullSync runs SQLite with synchronous=FULL: every commit waits
+	// for its fsync, so it survives a power loss too. Default false:
+	// synchronous=NORMAL, durable against a crash of the process only.
+	SQLiteFullSync bool `json:"sqlite_full_sync,omitempty"`
 	// DataDir holds the benchmark's files; empty uses a temporary directory
 	// removed afterwards.
 	DataDir string `json:"-"`

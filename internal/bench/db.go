@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 
 	"github.com/troupedev/troupe/internal/pgcluster"
+	"github.com/troupedev/troupe/internal/servicedb"
 	"github.com/troupedev/troupe/sqldb"
 )
 
@@ -23,11 +24,11 @@ type benchDB struct {
 func openDB(ctx context.Context, cfg Config, dir string) (*benchDB, error) {
 	if cfg.DB == "sqlite" {
 		path := filepath.Join(dir, "bench.db")
-		db, err := sqldb.Open(ctx, "sqlite://"+path, nil)
+		db, err := sqldb.Open(ctx, "sqlite://"+path, &sqldb.Config{SQLiteFullSync: cfg.SQLiteFullSync})
 		if err != nil {
 			return nil, err
 		}
-		return &benchDB{db: db, description: "SQLite file " + path + " (WAL, synchronous=NORMAL: a commit is durable against a process crash, not a power loss; no fsync per commit)", close: func() { db.Close() }}, nil
+		return &benchDB{db: db, description: "SQLite file " + path + " (" + servicedb.SQLiteSync(cfg.SQLiteFullSync) + ")", close: func() { db.Close() }}, nil
 	}
 	if cfg.PostgresURL != "" {
 		db, err := sqldb.Open(ctx, cfg.PostgresURL, nil)

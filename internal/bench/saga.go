@@ -58,7 +58,7 @@ func runSaga(ctx context.Context, cfg Config) (*Result, error) {
 		return nil, err
 	}
 	defer cleanup()
-	dbCfg := servicedb.Config{Dir: fmt.Sprintf("%s/saga-%d", dir, time.Now().UnixNano()), Prefix: "troupe_bench_saga_", Fresh: true,
+	dbCfg := servicedb.Config{Dir: fmt.Sprintf("%s/saga-%d", dir, time.Now().UnixNano()), Prefix: "troupe_bench_saga_", Fresh: true, SQLiteFullSync: cfg.SQLiteFullSync,
 		MaxConns: map[string]int{"order": min(cfg.Concurrency+8, 72), "customer": 8}}
 	if cfg.DB != "sqlite" {
 		admin, err := openDB(ctx, cfg, dir)

@@ -109,7 +109,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			names = append(names, n)
 		}
 		sort.Strings(names)
-		fmt.Fprintln(stdout, "Usage: troupe bench NAME [--db sqlite|postgres] [--postgres URL] [--broker SPEC] [--duration D] [--concurrency N] [--batch N] [--rate N] [--mode poll|notify|wal|drain|steady] [--pending N] [--target handler|topic] [--json]")
+		fmt.Fprintln(stdout, "Usage: troupe bench NAME [--db sqlite|postgres] [--postgres URL] [--broker SPEC] [--duration D] [--concurrency N] [--batch N] [--rate N] [--sqlite-sync normal|full] [--mode poll|notify|wal|drain|steady] [--pending N] [--target handler|topic] [--json]")
 		fmt.Fprintln(stdout, "\nBenchmarks:")
 		for _, n := range names {
 			fmt.Fprintf(stdout, "  %-10s %s\n", n, all[n].Summary)
@@ -133,6 +133,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&cfg.Mode, "mode", "", "relay mode for the outbox benchmark: poll, notify (default) or wal (PostgreSQL only); for the timer benchmark: drain (default) or steady")
 	fs.IntVar(&cfg.Rate, "rate", 0, "operations per second offered across all workers (0: as fast as possible); latency then counts from when each batch was due")
 	fs.StringVar(&cfg.DataDir, "data-dir", "", "directory for the benchmark's files (default: a temporary directory)")
+	sqliteSync := fs.String("sqlite-sync", "normal", "SQLite durability: normal (WAL, no fsync per commit: survives a crash of the process) or full (an fsync per commit: survives a power loss)")
 	fs.BoolVar(&asJSON, "json", false, "print the result as one JSON object on the last line")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the run (this process: the services and clients, not the database server) to this file")
 	var timerOpts bench.TimerOptions
@@ -142,6 +143,13 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	if err := fs.Parse(args[1:]); err != nil {
 		return err
+	}
+	switch *sqliteSync {
+	case "normal":
+	case "full":
+		cfg.SQLiteFullSync = true
+	default:
+		return fmt.Errorf("--sqlite-sync %q: want normal or full", *sqliteSync)
 	}
 	if b.Name == "timer" {
 		b = bench.Timer(timerOpts)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -44,6 +45,7 @@ func TestBench_JSONReportsFiguresAndConfiguration(t *testing.T) {
 		{"broker on embedded NATS", []string{"bench", "broker", "--broker", "nats", "--duration", "500ms", "--concurrency", "2", "--batch", "50", "--json", "--data-dir", t.TempDir()}},
 		{"broker on the Kafka protocol", []string{"bench", "broker", "--broker", "kafka", "--duration", "500ms", "--concurrency", "2", "--batch", "50", "--json"}},
 		{"commit on SQLite", []string{"bench", "commit", "--db", "sqlite", "--duration", "300ms", "--concurrency", "2", "--batch", "10", "--json", "--data-dir", t.TempDir()}},
+		{"commit on SQLite with an fsync per commit", []string{"bench", "commit", "--db", "sqlite", "--sqlite-sync", "full", "--duration", "300ms", "--concurrency", "2", "--batch", "10", "--json", "--data-dir", t.TempDir()}},
 		{"broker paced by --rate", []string{"bench", "broker", "--duration", "500ms", "--concurrency", "2", "--batch", "10", "--rate", "2000", "--json", "--data-dir", t.TempDir()}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -52,6 +54,11 @@ func TestBench_JSONReportsFiguresAndConfiguration(t *testing.T) {
 				t.Fatalf("exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
 			}
 			v := lastJSON(t, out)
+			if slices.Contains(tc.args, "--sqlite-sync") {
+				if cfg, _ := v["config"].(map[string]any); cfg["sqlite_full_sync"] != true || !strings.Contains(out, "synchronous=FULL") {
+					t.Errorf("--sqlite-sync full: config %v, want sqlite_full_sync and synchronous=FULL reported:\n%s", cfg, out)
+				}
+			}
 			for _, k := range []string{"name", "throughput_per_s", "p50_ms", "p99_ms", "config", "gomaxprocs"} {
 				if _, ok := v[k]; !ok {
 					t.Errorf("JSON lacks %q: %s", k, out)
@@ -108,6 +115,7 @@ func TestBadInput_ClearErrors(t *testing.T) {
 		{"unknown broker", []string{"bench", "broker", "--broker", "rabbit://x", "--duration", "10ms"}, 1, `unknown broker "rabbit://x"`},
 		{"unknown db", []string{"bench", "commit", "--db", "oracle"}, 1, `--db "oracle": want sqlite or postgres`},
 		{"negative rate", []string{"bench", "commit", "--rate", "-5"}, 1, `--rate -5`},
+		{"unknown SQLite sync", []string{"bench", "commit", "--sqlite-sync", "sometimes"}, 1, `--sqlite-sync "sometimes": want normal or full`},
 		{"unreachable postgres", []string{"bench", "commit", "--db", "postgres", "--postgres", "postgres://postgres@127.0.0.1:1/x?connect_timeout=2"}, 1, "127.0.0.1:1"},
 		{"unreachable nats", []string{"bench", "broker", "--broker", "nats://127.0.0.1:1", "--duration", "10ms"}, 1, "127.0.0.1:1"},
 	} {

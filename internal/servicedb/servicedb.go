@@ -39,6 +39,17 @@ type Config struct {
 	// MaxConns caps each PostgreSQL database's connection pool, by service
 	// name. Default: sqldb's default.
 	MaxConns map[string]int
+	// SQLiteFullSync runs the SQLite files with synchronous=FULL (see
+	// sqldb.Config).
+	SQLiteFullSync bool
+}
+
+// SQLiteSync describes the SQLite durability that full selects.
+func SQLiteSync(full bool) string {
+	if full {
+		return "WAL, synchronous=FULL: each commit waits for its fsync"
+	}
+	return "WAL, synchronous=NORMAL: a commit survives a crash of the process, not a power loss; no fsync per commit"
 }
 
 // Set is the opened databases, by service name.
@@ -86,7 +97,7 @@ func Open(ctx context.Context, cfg Config, names ...string) (*Set, error) {
 					return nil, fmt.Errorf("servicedb: %s exists; a fresh run needs a new directory", path)
 				}
 			}
-			db, err := sqldb.Open(ctx, "sqlite://"+path, nil)
+			db, err := sqldb.Open(ctx, "sqlite://"+path, &sqldb.Config{SQLiteFullSync: cfg.SQLiteFullSync})
 			if err != nil {
 				s.Close()
 				return nil, err
@@ -94,7 +105,7 @@ func Open(ctx context.Context, cfg Config, names ...string) (*Set, error) {
 			s.DBs[n] = db
 			s.closers = append(s.closers, func() { db.Close() })
 		}
-		s.Description = fmt.Sprintf("SQLite files in %s, one per service (WAL, synchronous=NORMAL)", cfg.Dir)
+		s.Description = fmt.Sprintf("SQLite files in %s, one per service (%s)", cfg.Dir, SQLiteSync(cfg.SQLiteFullSync))
 		return s, nil
 	}
 
