@@ -79,9 +79,10 @@
 // answer a refusal with a failure reply: the saga compensates. Other
 // errors call for a rollback and a retry.
 //
-// In an order saga, Try is a step's action and Cancel its compensation,
-// with the reservation id derived from the saga id and the step, so that
-// the saga's retries carry it; Confirm is a later step, once every
+// In an order saga (saga.Reservations; HandleSaga serves its commands),
+// Try is a step's action and Cancel its compensation, with the
+// reservation id derived from the saga id and the reservation's name
+// (SagaReservationID), so that retries carry it; Confirm is a later step, once every
 // resource is held. The customer sees "Order placed" only when every
 // Confirm succeeded; a Confirm refused with ErrReservationExpired fails the
 // saga, whose compensations Cancel the others.

@@ -117,6 +117,20 @@
 // Participant.HTTPHandler serves this protocol for a Go participant, with
 // the same barrier as over the broker.
 //
+// # Reservations
+//
+// Reservations builds the steps of a try / confirm / cancel business
+// transaction over resources that expire (package reserve holds them at
+// the participants): a parallel group of Trys, each compensated by its
+// Cancel, then a parallel group of Confirms, each compensated by a Cancel
+// that un-assigns. A refused Try cancels the holds taken; a Confirm is
+// retried for as long as the expiry leaves time, and when it cannot
+// succeed any more the confirmed resources are un-assigned and the rest
+// cancelled or left to expire. So the saga completes ("order placed") only
+// with every resource assigned. The expiry must cover the deadlines and
+// attempts of both phases: Steps checks it when the saga is defined and
+// names the numbers that conflict.
+//
 // # Protocol
 //
 // A command is a CloudEvents message whose type names what to do and whose
