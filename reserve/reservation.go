@@ -341,8 +341,8 @@ func answer(res Reservation, now time.Time) error {
 			return nil
 		}
 		return fmt.Errorf("%w at %s (reservation %q)", ErrReservationExpired, res.ExpiresAt.Format(time.RFC3339Nano), res.ID)
-	case Confirmed:
-		return nil
+	case Confirmed, Released:
+		return nil // what was asked was done; Released came after
 	case Expired:
 		return fmt.Errorf("%w at %s (reservation %q)", ErrReservationExpired, res.ExpiresAt.Format(time.RFC3339Nano), res.ID)
 	case Cancelled:
