@@ -23,7 +23,8 @@ import (
 const usage = `troupe keeps data consistent across services that each own a database.
 
 Usage:
-  troupe demo [flags]          run the demo on embedded defaults (SQLite, embedded NATS JetStream)
+  troupe demo [flags]          run the demo on embedded defaults (SQLite, embedded NATS JetStream): the online shop
+  troupe demo delivery [flags] run the food-delivery demo: expiring reservations of packets and agents
   troupe bench [NAME] [flags]  run a benchmark; without NAME, list them
   troupe version               print the version
 
@@ -69,6 +70,9 @@ func version() string {
 }
 
 func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) > 0 && args[0] == "delivery" {
+		return runDeliveryDemo(ctx, args[1:], stdout, stderr)
+	}
 	fs := flag.NewFlagSet("troupe demo", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var cfg demo.Config
@@ -93,9 +97,30 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	return demo.Run(ctx, cfg)
 }
 
+func runDeliveryDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("troupe demo delivery", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var cfg demo.DeliveryConfig
+	fs.StringVar(&cfg.DataDir, "data-dir", "", "keep the demo's databases and broker files here (default: a temporary directory, removed at the end)")
+	fs.StringVar(&cfg.Postgres, "postgres", "", "run on PostgreSQL: URL of a server database on which the role may create databases (each service gets a fresh one, dropped at the end)")
+	fs.IntVar(&cfg.Orders, "orders", 600, "how many orders the demo places")
+	fs.IntVar(&cfg.Clients, "clients", 16, "how many clients place orders at once")
+	fs.IntVar(&cfg.Packets, "packets", 300, "how many food packets the Store has, shared among 3 foods")
+	fs.IntVar(&cfg.Agents, "agents", 10, "how many delivery agents there are")
+	fs.DurationVar(&cfg.DeliverAfter, "deliver-after", 50*time.Millisecond, "how long an agent is out with a placed order before it is free again")
+	fs.Uint64Var(&cfg.Seed, "seed", 1, "seed of the workload and the injected faults")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
+	}
+	return demo.RunDelivery(ctx, stdout, cfg)
+}
+
 func benchmarks() map[string]bench.Benchmark {
 	m := map[string]bench.Benchmark{}
-	for _, b := range []bench.Benchmark{bench.Broker(), bench.Commit(), bench.Outbox(), bench.Inbox(), bench.Saga(), bench.Timer(bench.TimerOptions{})} {
+	for _, b := range []bench.Benchmark{bench.Broker(), bench.Commit(), bench.Outbox(), bench.Inbox(), bench.Saga(), bench.Delivery(), bench.Timer(bench.TimerOptions{})} {
 		m[b.Name] = b
 	}
 	return m

@@ -155,3 +155,18 @@ func TestBench_RateLimitsOfferedLoad(t *testing.T) {
 		t.Errorf("config.rate = %v, want 500", cfg["rate"])
 	}
 }
+
+func TestDemoDelivery_RunsAndChecksItsInvariants(t *testing.T) {
+	code, out, errOut := run(t, "demo", "delivery", "--orders", "40", "--clients", "4", "--packets", "20", "--agents", "3", "--data-dir", t.TempDir())
+	if code != 0 {
+		t.Fatalf("exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
+	}
+	for _, want := range []string{"orders placed", "no packet or agent is assigned twice", "All invariants hold"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	if code, _, errOut := run(t, "demo", "delivery", "--agents", "many"); code == 0 || !strings.Contains(errOut, "-agents") {
+		t.Errorf("--agents many: exit %d, stderr %q; want the flag named", code, errOut)
+	}
+}
