@@ -77,6 +77,7 @@ type group struct {
 // member is a call of InGroupTx served by another call, the group's leader.
 type member struct {
 	fn   func(context.Context, Tx) error
+	lead bool              // set before a turn: lead the group, whose leader's ctx ended
 	turn chan bool         // leader → member: true to run in the group, false to run alone
 	ran  chan memberResult // member → leader: fn has run in the group
 	out  chan error        // leader → member: the group's outcome, errRunAlone to run again alone
@@ -111,9 +112,16 @@ func (db *DB) joinGroup(ctx context.Context, g *group, m *member) error {
 		db.groupMu.Unlock()
 		// The leader has taken this member: answer it without running fn.
 		if <-m.turn {
-			m.ran <- memberResult{}
+			if m.lead {
+				db.handOn(g)
+			} else {
+				m.ran <- memberResult{}
+			}
 		}
 		return fmt.Errorf("sqldb: begin transaction: waiting for the shared transaction: %w", ctx.Err())
+	}
+	if m.lead {
+		return db.leadGroup(ctx, g, m.fn)
 	}
 	if !shared {
 		return db.InTx(ctx, m.fn)
@@ -179,18 +187,8 @@ func (db *DB) leadGroup(callerCtx context.Context, g *group, fn func(context.Con
 	select {
 	case db.writer <- struct{}{}:
 	case <-ctx.Done():
-		db.groupMu.Lock()
-		if len(g.waiting) == 0 {
-			if db.forming == g {
-				db.forming = nil
-			}
-			db.groupMu.Unlock()
-			return fmt.Errorf("sqldb: begin transaction: waiting for this DB's other write transactions: %w", ctx.Err())
-		}
-		db.groupMu.Unlock()
-		// Calls joined this group and wait for it: serve them, not fn.
-		db.writer <- struct{}{}
-		fn = nil
+		db.handOn(g)
+		return fmt.Errorf("sqldb: begin transaction: waiting for this DB's other write transactions: %w", ctx.Err())
 	}
 	released := false
 	release := func() {
@@ -233,27 +231,21 @@ func (db *DB) leadGroup(callerCtx context.Context, g *group, fn func(context.Con
 		return err
 	}
 	g.tx = stx.view
-	if fn == nil {
-		finish()
-		return fmt.Errorf("sqldb: begin transaction: waiting for this DB's other write transactions: %w", ctx.Err())
-	}
 
-	// The leader's fn runs first, alone in the transaction so far: when it
-	// fails, rolling the whole transaction back undoes it, without a
-	// savepoint.
+	// The leader's fn runs first, under a savepoint as the members' do: an
+	// error that fn swallowed but that rolled the whole transaction back
+	// (INSERT OR ROLLBACK) fails its RELEASE, instead of letting the members
+	// write outside any transaction.
 	finished := false
+	var res memberResult
 	defer func() {
 		if !finished { // fn panicked or called runtime.Goexit
-			stx, broken = db.restartGroupTx(ctx, stx)
-			g.tx = stx.view
+			broken = res.broken
 			finish()
 		}
 	}()
-	own = fn(ctx, stx.view)
-	if own != nil {
-		stx, broken = db.restartGroupTx(ctx, stx)
-		g.tx = stx.view
-	}
+	own = runSavepointed(ctx, stx.view, fn, &res)
+	broken = res.broken
 	finished = true
 	outcome := finish()
 	if own != nil {
@@ -282,19 +274,25 @@ func (db *DB) beginGroupTx(ctx context.Context) (*stxHolder, error) {
 	if err != nil {
 		return nil, fmt.Errorf("sqldb: begin transaction: %w", err)
 	}
-	return &stxHolder{tx: stx, view: uncancelled{sqlTx{q: stx, d: db.dialect, c: db.stmts, tx: stx}}}, nil
+	return &stxHolder{tx: stx, view: uncancelled{sqlTx{q: stx, d: db.dialect, c: db.stmts, tx: stx, open: map[string]int{}}}}, nil
 }
 
-// restartGroupTx rolls back the leader's failed fn with the transaction
-// it ran alone in, and begins a new one for the members. broken is set if
-// that fails.
-func (db *DB) restartGroupTx(ctx context.Context, stx *stxHolder) (*stxHolder, error) {
-	_ = stx.tx.Rollback()
-	next, err := db.beginGroupTx(ctx)
-	if err != nil {
-		return stx, err
+// handOn passes the lead of g, whose leader's ctx ended before it got the
+// write lock, to the first call waiting in g, or closes g if none is.
+func (db *DB) handOn(g *group) {
+	db.groupMu.Lock()
+	if len(g.waiting) == 0 {
+		if db.forming == g {
+			db.forming = nil
+		}
+		db.groupMu.Unlock()
+		return
 	}
-	return next, nil
+	m := g.waiting[0]
+	g.waiting = g.waiting[1:]
+	db.groupMu.Unlock()
+	m.lead = true
+	m.turn <- true
 }
 
 // serveGroup gives each waiting member its turn in the transaction and

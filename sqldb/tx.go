@@ -138,7 +138,7 @@ func (db *DB) InTx(ctx context.Context, fn func(ctx context.Context, tx Tx) erro
 	if err != nil {
 		return fmt.Errorf("sqldb: begin transaction: %w", err)
 	}
-	return runTx(ctx, sqlTx{q: stx, d: db.dialect, c: db.stmts, tx: stx}, fn,
+	return runTx(ctx, sqlTx{q: stx, d: db.dialect, c: db.stmts, tx: stx, open: map[string]int{}}, fn,
 		func(context.Context) error { return stx.Commit() },
 		func(context.Context) error { return stx.Rollback() })
 }
@@ -201,30 +201,47 @@ type sqlTx struct {
 	// transaction q is, if it is one.
 	c  *stmtCache
 	tx *sql.Tx
+	// open counts, by query, the rows of tx's prepared statements not yet
+	// closed: a SQLite statement runs one query at a time, so the same
+	// query met again meanwhile (a nested loop) runs unprepared.
+	open map[string]int
 }
 
 // queryer returns what runs query: a prepared statement when the cache
 // has one (or, outside a transaction, can make one), else t.q; and the
 // SQL to give it.
-func (t sqlTx) queryer(ctx context.Context, query string, args []any) (sqlQueryer, string) {
+func (t sqlTx) queryer(ctx context.Context, query string, args []any) (sqlQueryer, string, bool) {
 	q := t.rewrite(query)
-	if t.c == nil || (len(args) == 0 && strings.ContainsRune(query, ';')) {
+	if t.c == nil || (len(args) == 0 && strings.ContainsRune(query, ';')) || t.open[query] > 0 {
 		// Without arguments a query may be several statements, parsed at
 		// every execution anyway (see stmtCache).
-		return t.q, q
+		return t.q, q, false
 	}
 	s := t.c.get(ctx, query, q, t.tx != nil)
 	if s == nil {
-		return t.q, q
+		return t.q, q, false
 	}
 	if t.tx != nil {
 		s = t.tx.StmtContext(ctx, s)
 	}
-	return stmtQueryer{s}, q
+	return stmtQueryer{s}, q, t.tx != nil
+}
+
+// use marks query's prepared statement as running in tx until the returned
+// func is called (once or more).
+func (t sqlTx) use(query string) func() {
+	t.open[query]++
+	done := false
+	return func() {
+		if !done {
+			done = true
+			t.open[query]--
+		}
+	}
 }
 
 func (t sqlTx) Exec(ctx context.Context, query string, args ...any) (int64, error) {
-	q, sql := t.queryer(ctx, query, args)
+	q, sql, _ := t.queryer(ctx, query, args)
 	res, err := q.ExecContext(ctx, sql, args...)
 	if err != nil {
 		return 0, err
@@ -233,17 +250,37 @@ func (t sqlTx) Exec(ctx context.Context, query string, args ...any) (int64, erro
 }
 
 func (t sqlTx) Query(ctx context.Context, query string, args ...any) (Rows, error) {
-	q, sql := t.queryer(ctx, query, args)
+	q, sql, prepared := t.queryer(ctx, query, args)
 	rows, err := q.QueryContext(ctx, sql, args...)
 	if err != nil {
 		return nil, err
 	}
-	return sqlRows{rows}, nil
+	r := sqlRows{Rows: rows}
+	if prepared {
+		r.done = t.use(query)
+	}
+	return r, nil
 }
 
 func (t sqlTx) QueryRow(ctx context.Context, query string, args ...any) Row {
-	q, sql := t.queryer(ctx, query, args)
-	return q.QueryRowContext(ctx, sql, args...)
+	q, sql, prepared := t.queryer(ctx, query, args)
+	row := q.QueryRowContext(ctx, sql, args...)
+	if prepared {
+		return openRow{row, t.use(query)}
+	}
+	return row
+}
+
+// openRow is a row of a prepared statement of a transaction, running until
+// it is scanned.
+type openRow struct {
+	*sql.Row
+	done func()
+}
+
+func (r openRow) Scan(dest ...any) error {
+	defer r.done()
+	return r.Row.Scan(dest...)
 }
 
 // stmtQueryer runs a prepared statement, ignoring the query it is given
@@ -274,10 +311,16 @@ func (t sqlTx) rewrite(query string) string {
 func (t sqlTx) Dialect() Dialect { return t.d }
 
 // sqlRows makes Close report the iteration's error, as Rows promises.
-type sqlRows struct{ *sql.Rows }
+type sqlRows struct {
+	*sql.Rows
+	done func() // if not nil, called once closed
+}
 
 func (r sqlRows) Close() error {
 	closeErr := r.Rows.Close()
+	if r.done != nil {
+		r.done()
+	}
 	if err := r.Rows.Err(); err != nil {
 		return err
 	}
