@@ -3,8 +3,12 @@ package delivery
 import (
 	"context"
 	"fmt"
+	"slices"
+	"strings"
 
+	"github.com/troupedev/troupe/examples/delivery/dispatch"
 	"github.com/troupedev/troupe/examples/delivery/order"
+	"github.com/troupedev/troupe/examples/delivery/store"
 	"github.com/troupedev/troupe/reserve"
 	"github.com/troupedev/troupe/saga"
 	"github.com/troupedev/troupe/sqldb"
@@ -55,17 +59,19 @@ func (s *Services) Check(ctx context.Context) ([]Violation, error) {
 		out = append(out, Violation{Invariant: inv, Detail: fmt.Sprintf(format, args...)})
 	}
 	type orderRow struct {
-		state    order.State
-		quantity int
+		state                order.State
+		quantity             int
+		food, packets, agent string
 	}
 	orders := map[string]orderRow{}
-	err := query(ctx, s.cfg.OrderDB, `SELECT id, state, quantity FROM delivery_orders`, func(scan func(...any) error) error {
+	err := query(ctx, s.cfg.OrderDB, `SELECT id, state, quantity, food_id, packets, agent FROM delivery_orders`, func(scan func(...any) error) error {
 		var id, state string
-		var q int
-		if err := scan(&id, &state, &q); err != nil {
+		var r orderRow
+		if err := scan(&id, &state, &r.quantity, &r.food, &r.packets, &r.agent); err != nil {
 			return err
 		}
-		orders[id] = orderRow{order.State(state), q}
+		r.state = order.State(state)
+		orders[id] = r
 		return nil
 	})
 	if err != nil {
@@ -97,15 +103,34 @@ func (s *Services) Check(ctx context.Context) ([]Violation, error) {
 	if err != nil {
 		return nil, fmt.Errorf("delivery: read the Delivery service's reservations: %w", err)
 	}
+	packetsOf, err := assigned(ctx, s.cfg.StoreDB)
+	if err != nil {
+		return nil, fmt.Errorf("delivery: read the Store's reservations: %w", err)
+	}
+	agentsOf, err := assigned(ctx, s.cfg.DeliveryDB)
+	if err != nil {
+		return nil, fmt.Errorf("delivery: read the Delivery service's reservations: %w", err)
+	}
 	for id, o := range orders {
 		p, a := packets[id], agents[id]
 		switch o.state {
 		case order.Placed:
+			// The right numbers, then what the customer is shown is what
+			// was assigned.
+			var shown []string
+			for _, pk := range strings.Split(o.packets, ",") {
+				shown = append(shown, store.Pool(o.food)+"/"+pk)
+			}
+			slices.Sort(shown)
 			if got := p[reserve.Confirmed]; got != o.quantity || p[reserve.Released] != 0 {
 				add(InvPlacedFulfilled, "order %s has %d packets assigned, want %d", id, got, o.quantity)
+			} else if got := packetsOf[id]; !slices.Equal(got, shown) {
+				add(InvPlacedFulfilled, "order %s shows packets %v, the Store assigned it %v", id, shown, got)
 			}
 			if got := a[reserve.Confirmed] + a[reserve.Released]; got != 1 {
 				add(InvPlacedFulfilled, "order %s has %d agents assigned or delivering, want 1", id, got)
+			} else if got := agentsOf[id]; !slices.Equal(got, []string{dispatch.AgentPool + "/" + o.agent}) {
+				add(InvPlacedFulfilled, "order %s shows agent %q, the Delivery service assigned it %v", id, o.agent, got)
 			}
 		case order.NotPlaced:
 			if n := p[reserve.Held] + p[reserve.Confirmed] + p[reserve.Released]; n > 0 {
@@ -205,6 +230,22 @@ func reservations(ctx context.Context, db *sqldb.DB) (map[string]map[reserve.Sta
 			out[owner][reserve.State(state)] = n
 			return nil
 		})
+	return out, err
+}
+
+// assigned lists, by owner, the "pool/resource" of a participant's
+// reservations confirmed or released (used), sorted.
+func assigned(ctx context.Context, db *sqldb.DB) (map[string][]string, error) {
+	out := map[string][]string{}
+	err := query(ctx, db, `SELECT owner, pool, resource FROM troupe_reservations WHERE state IN ('confirmed', 'released')
+		ORDER BY owner, pool, resource`, func(scan func(...any) error) error {
+		var owner, pool, res string
+		if err := scan(&owner, &pool, &res); err != nil {
+			return err
+		}
+		out[owner] = append(out[owner], pool+"/"+res)
+		return nil
+	})
 	return out, err
 }
 

@@ -71,7 +71,7 @@ func decodePlaceRequest(body io.Reader) (PlaceRequest, error) {
 	var typ *json.UnmarshalTypeError
 	switch {
 	case err == nil:
-		if dec.More() {
+		if _, err := dec.Token(); !errors.Is(err, io.EOF) {
 			return req, &ValidationError{Problem: "unexpected data after the JSON object"}
 		}
 		return req, req.Validate()
