@@ -388,6 +388,8 @@ func TestShop_MalformedOrdersAreRefusedWith400NamingTheField(t *testing.T) {
 		{"quantity as a string", `{"customer_id": "c1", "items": [{"sku": "tea", "quantity": "2", "unit_price": 100}]}`, "items.quantity", "want int64"},
 		{"unknown field", `{"customer_id": "c1", "colour": "red", "items": [{"sku": "tea", "quantity": 1, "unit_price": 100}]}`, "colour", "unknown field"},
 		{"two objects", `{"customer_id": "c1", "items": [{"sku": "tea", "quantity": 1, "unit_price": 100}]} {}`, "", "after the JSON object"},
+		{"a stray brace after the object", `{"customer_id": "c1", "items": [{"sku": "tea", "quantity": 1, "unit_price": 100}]}}`, "", "after the JSON object"},
+		{"a stray bracket after the object", `{"customer_id": "c1", "items": [{"sku": "tea", "quantity": 1, "unit_price": 100}]}]`, "", "after the JSON object"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -9,6 +9,8 @@ import (
 	"net/http"
 	"strings"
 	"time"
+
+	"github.com/troupedev/troupe/examples/internal/jsonbody"
 )
 
 // ErrInvalid is matched by every *ValidationError.
@@ -85,39 +87,14 @@ func (r PlaceRequest) total() int64 {
 const maxBody = 1 << 20
 
 // decodePlaceRequest reads a PlaceRequest, strictly: unknown fields, a
-// wrong type, trailing data and an oversized body are errors naming what is
-// wrong.
+// wrong type, trailing data and an oversized body are errors naming what
+// is wrong.
 func decodePlaceRequest(body io.Reader) (PlaceRequest, error) {
 	var req PlaceRequest
-	dec := json.NewDecoder(io.LimitReader(body, maxBody+1))
-	dec.DisallowUnknownFields()
-	err := dec.Decode(&req)
-	var syntax *json.SyntaxError
-	var typ *json.UnmarshalTypeError
-	switch {
-	case err == nil:
-		if dec.More() {
-			return req, &ValidationError{Problem: "unexpected data after the JSON object"}
-		}
-		return req, req.Validate()
-	case errors.Is(err, io.EOF):
-		return req, &ValidationError{Problem: "empty body: want a JSON object"}
-	case errors.As(err, &syntax):
-		return req, &ValidationError{Problem: fmt.Sprintf("malformed JSON at byte %d: %v", syntax.Offset, syntax)}
-	case errors.As(err, &typ):
-		field := typ.Field
-		if field == "" {
-			field = "(body)"
-		}
-		return req, &ValidationError{Field: field, Problem: fmt.Sprintf("want %s, got %s", typ.Type, typ.Value)}
-	case strings.HasPrefix(err.Error(), "json: unknown field "):
-		name := strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`)
-		return req, &ValidationError{Field: name, Problem: "unknown field"}
-	case errors.Is(err, io.ErrUnexpectedEOF):
-		return req, &ValidationError{Problem: "malformed JSON: the body ends inside a value"}
-	default:
-		return req, &ValidationError{Problem: err.Error()}
+	if err := jsonbody.Decode(body, maxBody, &req); err != nil {
+		return req, &ValidationError{Field: err.Field, Problem: err.Problem}
 	}
+	return req, req.Validate()
 }
 
 // Handler returns the service's HTTP API:
