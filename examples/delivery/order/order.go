@@ -31,8 +31,8 @@ import (
 
 	"github.com/troupedev/troupe/broker"
 	"github.com/troupedev/troupe/examples/delivery/dispatch"
-	"github.com/troupedev/troupe/examples/delivery/internal/background"
 	"github.com/troupedev/troupe/examples/delivery/store"
+	"github.com/troupedev/troupe/examples/internal/background"
 	"github.com/troupedev/troupe/inbox"
 	"github.com/troupedev/troupe/message"
 	"github.com/troupedev/troupe/outbox"

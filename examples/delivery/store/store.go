@@ -23,7 +23,7 @@ import (
 	"time"
 
 	"github.com/troupedev/troupe/broker"
-	"github.com/troupedev/troupe/examples/delivery/internal/background"
+	"github.com/troupedev/troupe/examples/internal/background"
 	"github.com/troupedev/troupe/inbox"
 	"github.com/troupedev/troupe/message"
 	"github.com/troupedev/troupe/outbox"

@@ -34,8 +34,8 @@ import (
 	"time"
 
 	"github.com/troupedev/troupe/broker"
+	"github.com/troupedev/troupe/examples/internal/background"
 	"github.com/troupedev/troupe/examples/shop/customer"
-	"github.com/troupedev/troupe/examples/shop/internal/background"
 	"github.com/troupedev/troupe/flow"
 	"github.com/troupedev/troupe/inbox"
 	"github.com/troupedev/troupe/message"

@@ -1,5 +1,6 @@
 // Package background runs a service's long-running loops (outbox relays,
-// timer schedulers) until they are stopped.
+// timer schedulers) and stops them with their subscriptions: the few lines
+// every service of the examples needs.
 package background
 
 import (
@@ -35,8 +36,12 @@ func Start(ctx context.Context, loops ...func(context.Context) error) *Group {
 }
 
 // Stop ends the loops, waits for them, and returns the errors they
-// stopped with other than their context's end.
+// stopped with other than their context's end. A nil Group has nothing to
+// stop.
 func (g *Group) Stop() error {
+	if g == nil {
+		return nil
+	}
 	g.cancel()
 	g.wg.Wait()
 	g.mu.Lock()
@@ -45,8 +50,8 @@ func (g *Group) Stop() error {
 }
 
 // StopAll stops subscriptions (or anything with a Stop(ctx) method) at
-// once, since each may wait for its broker's open pull to end, and returns
-// their errors.
+// once, since each may wait for its broker's open pull to end, and
+// returns their errors.
 func StopAll[S interface{ Stop(context.Context) error }](ctx context.Context, subs ...S) error {
 	errs := make([]error, len(subs))
 	var wg sync.WaitGroup
