@@ -33,6 +33,7 @@ import (
 	"github.com/troupedev/troupe/examples/delivery/dispatch"
 	"github.com/troupedev/troupe/examples/delivery/store"
 	"github.com/troupedev/troupe/examples/internal/background"
+	"github.com/troupedev/troupe/examples/internal/wake"
 	"github.com/troupedev/troupe/inbox"
 	"github.com/troupedev/troupe/message"
 	"github.com/troupedev/troupe/outbox"
@@ -165,7 +166,7 @@ type Service struct {
 	subs  []broker.Subscription
 	bg    *background.Group
 
-	waiters waiters
+	waiters wake.Waiters
 }
 
 // sagaData is the place-order saga's data.
@@ -241,7 +242,7 @@ func New(db *sqldb.DB, b broker.Broker, cfg Config) (*Service, error) {
 			cfg.Consumers = 4
 		}
 	}
-	s := &Service{db: db, b: b, cfg: cfg, defs: map[int]*saga.Definition[sagaData]{}, waiters: waiters{m: map[string][]chan struct{}{}}}
+	s := &Service{db: db, b: b, cfg: cfg, defs: map[int]*saga.Definition[sagaData]{}}
 	var err error
 	if s.relay, err = outbox.NewRelay(db, b, outbox.RelayConfig{Logger: cfg.Logger}); err != nil {
 		return nil, err
@@ -253,7 +254,7 @@ func New(db *sqldb.DB, b broker.Broker, cfg Config) (*Service, error) {
 		s.relay.Notify()
 		s.sched.Notify()
 		for _, f := range fired {
-			s.waiters.wake(firedSaga(f))
+			s.waiters.Wake(firedSaga(f))
 		}
 	}})
 	if err != nil {
@@ -489,7 +490,7 @@ func (s *Service) waking(h broker.Handler) broker.Handler {
 		h(ctx, batch)
 		for _, d := range batch {
 			if d.Msg != nil {
-				s.waiters.wake(d.Msg.Extensions[saga.ExtSagaID])
+				s.waiters.Wake(d.Msg.Extensions[saga.ExtSagaID])
 			}
 		}
 	}

@@ -30,11 +30,11 @@ import (
 	"log/slog"
 	"slices"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/troupedev/troupe/broker"
 	"github.com/troupedev/troupe/examples/internal/background"
+	"github.com/troupedev/troupe/examples/internal/wake"
 	"github.com/troupedev/troupe/examples/shop/customer"
 	"github.com/troupedev/troupe/flow"
 	"github.com/troupedev/troupe/inbox"
@@ -180,7 +180,7 @@ type Service struct {
 	subs  []broker.Subscription
 	bg    *background.Group
 
-	waiters waiters
+	waiters wake.Waiters
 }
 
 // sagaData is the CreateOrder saga's data.
@@ -246,7 +246,7 @@ func New(db *sqldb.DB, b broker.Broker, cfg Config) (*Service, error) {
 			cfg.Consumers = 4
 		}
 	}
-	s := &Service{db: db, b: b, cfg: cfg, waiters: waiters{m: map[string][]chan struct{}{}}}
+	s := &Service{db: db, b: b, cfg: cfg}
 	var err error
 	if s.relay, err = outbox.NewRelay(db, b, outbox.RelayConfig{Logger: cfg.Logger}); err != nil {
 		return nil, err
@@ -254,7 +254,7 @@ func New(db *sqldb.DB, b broker.Broker, cfg Config) (*Service, error) {
 	s.sched, err = timer.New(db, timer.Config{Clock: cfg.Clock, Logger: cfg.Logger, OnFired: func(fired []timer.Fired) {
 		s.relay.Notify()
 		for _, f := range fired {
-			s.waiters.wake(f.Msg.Extensions[saga.ExtSagaID])
+			s.waiters.Wake(f.Msg.Extensions[saga.ExtSagaID])
 		}
 	}})
 	if err != nil {
@@ -405,7 +405,7 @@ func (s *Service) waking(h broker.Handler) broker.Handler {
 		h(ctx, batch)
 		for _, d := range batch {
 			if d.Msg != nil {
-				s.waiters.wake(d.Msg.CorrelationID)
+				s.waiters.Wake(d.Msg.CorrelationID)
 			}
 		}
 	}
@@ -477,8 +477,8 @@ func (s *Service) Get(ctx context.Context, id string) (Order, error) {
 
 // Await waits until the order has ended, or ctx ends, and returns it.
 func (s *Service) Await(ctx context.Context, id string) (Order, error) {
-	woken := s.waiters.add(id)
-	defer s.waiters.remove(id, woken)
+	woken := s.waiters.Add(id)
+	defer s.waiters.Remove(id, woken)
 	// Ends that no reply or event of this process signals (another
 	// instance handled it) are seen by asking again now and then.
 	tick := time.NewTicker(250 * time.Millisecond)
@@ -610,49 +610,4 @@ func correlation(d *broker.Delivery) string {
 		return ""
 	}
 	return d.Msg.CorrelationID
-}
-
-// waiters are the callers of Await, by order id.
-type waiters struct {
-	mu sync.Mutex
-	m  map[string][]chan struct{}
-}
-
-func (w *waiters) add(id string) chan struct{} {
-	ch := make(chan struct{}, 1)
-	w.mu.Lock()
-	w.m[id] = append(w.m[id], ch)
-	w.mu.Unlock()
-	return ch
-}
-
-func (w *waiters) remove(id string, ch chan struct{}) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	list := w.m[id]
-	for i, c := range list {
-		if c == ch {
-			list = append(list[:i], list[i+1:]...)
-			break
-		}
-	}
-	if len(list) == 0 {
-		delete(w.m, id)
-	} else {
-		w.m[id] = list
-	}
-}
-
-func (w *waiters) wake(id string) {
-	if id == "" {
-		return
-	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	for _, ch := range w.m[id] {
-		select {
-		case ch <- struct{}{}:
-		default:
-		}
-	}
 }
