@@ -39,7 +39,7 @@ func TestHTTP_OnDoneRunsOnceWhenALateAnswerFollowsATakeover(t *testing.T) {
 			receive(t, aCalled, "A's call")
 			runStoppable(t, b)
 			clock.Advance(timer.DefaultLeaseTTL) // A's lease ends; B takes the task
-			waitFor(t, "B's OnDone", func() bool { return len(ob.list()) == 1 })
+			waitFor(t, "B's OnDone", func() bool { return len(ob.list()) == 1 && committedOutcomes(t, db) == 1 })
 			close(releaseA)
 			waitFor(t, "A to handle its late answer", func() bool {
 				return logA.has(func(r logRecord) bool { return r.Attrs["id"] == id })
@@ -71,7 +71,7 @@ func TestHTTP_ASuccessOverTheBodyLimitIsToldToOnDoneAsAFailure(t *testing.T) {
 			s, o := newDoneScheduler(t, db, timer.Config{Clock: clock, Backoff: everyRetryAfter(0)})
 			scheduleHTTP(t, s, t0, timer.HTTPTask{URL: rc.url("/job"), OnDone: "done", MaxAttempts: 3})
 			runStoppable(t, s)
-			waitFor(t, "OnDone", func() bool { return len(o.list()) == 1 })
+			waitFor(t, "OnDone", func() bool { return len(o.list()) == 1 && committedOutcomes(t, db) == 1 })
 			got := o.list()[0]
 			if got.Err == "" || !strings.Contains(got.Err, "over") {
 				t.Fatalf("OnDone got status %d, error %q, a %d-byte body: want a failure saying the body is over the limit", got.Status, got.Err, len(got.Body))

@@ -44,6 +44,14 @@ func (o *outcomes) handle(ctx context.Context, tx sqldb.Tx, f *timer.Fired) erro
 	return nil
 }
 
+// committedOutcomes counts the outcomes whose OnDone transaction committed:
+// the handler records an outcome in the list before its transaction
+// commits, so a test reading the database waits for this count too.
+func committedOutcomes(t *testing.T, db *sqldb.DB) int {
+	t.Helper()
+	return countRows(t, db, `SELECT count(*) FROM effects WHERE owner <> 'failed-handler'`)
+}
+
 func (o *outcomes) list() []timer.HTTPOutcome {
 	o.mu.Lock()
 	defer o.mu.Unlock()
@@ -73,7 +81,7 @@ func TestHTTP_OnDoneGetsTheResponseInTheTransactionThatDeletesTheTask(t *testing
 			s, o := newDoneScheduler(t, db, timer.Config{Clock: clock})
 			id := scheduleHTTP(t, s, t0, timer.HTTPTask{ID: "reserve-1", URL: rc.url("/reserve"), OnDone: "done", Meta: map[string]string{"sagaid": "s-1"}})
 			runStoppable(t, s)
-			waitFor(t, "OnDone", func() bool { return len(o.list()) == 1 })
+			waitFor(t, "OnDone", func() bool { return len(o.list()) == 1 && committedOutcomes(t, db) == 1 })
 			got := o.list()[0]
 			if got.TaskID != id || got.Status != 200 || string(got.Body) != `{"reserved":40}` || got.ContentType != "application/json" ||
 				got.Err != "" || got.Meta["sagaid"] != "s-1" || len(got.Meta) != 1 {
@@ -107,7 +115,7 @@ func TestHTTP_OnDoneIsToldOfARefusalAndOfTheLastFailedAttempt(t *testing.T) {
 			refused := scheduleHTTP(t, s, t0, timer.HTTPTask{URL: rc.url("/refuse"), OnDone: "done", MaxAttempts: 5})
 			busy := scheduleHTTP(t, s, t0, timer.HTTPTask{URL: rc.url("/busy"), OnDone: "done", MaxAttempts: 2})
 			runStoppable(t, s)
-			waitFor(t, "two outcomes", func() bool { return len(o.list()) == 2 })
+			waitFor(t, "two outcomes", func() bool { return len(o.list()) == 2 && committedOutcomes(t, db) == 2 })
 			byID := map[string]timer.HTTPOutcome{}
 			for _, out := range o.list() {
 				byID[out.TaskID] = out
@@ -140,7 +148,7 @@ func TestHTTP_AFailingOnDoneIsTriedAgainWithTheCall(t *testing.T) {
 			o.fail.Store(1)
 			id := scheduleHTTP(t, s, t0, timer.HTTPTask{URL: rc.url("/job"), OnDone: "done"})
 			runStoppable(t, s)
-			waitFor(t, "OnDone", func() bool { return len(o.list()) == 1 })
+			waitFor(t, "OnDone", func() bool { return len(o.list()) == 1 && committedOutcomes(t, db) == 1 })
 			reqs := rc.requests("/job")
 			if len(reqs) != 2 || reqs[0].Header.Get(timer.IdempotencyKeyHeader) != id || reqs[1].Header.Get(timer.IdempotencyKeyHeader) != id {
 				t.Fatalf("%d calls, want 2 with the task's id as Idempotency-Key", len(reqs))
@@ -178,7 +186,7 @@ func TestHTTP_OnDoneRunsOnceWhenTheSchedulerStopsMidCall(t *testing.T) {
 			stopA()
 			b, ob := newDoneScheduler(t, db, timer.Config{Clock: clock, Owner: "b"})
 			runStoppable(t, b)
-			waitFor(t, "B's OnDone", func() bool { return len(ob.list()) == 1 })
+			waitFor(t, "B's OnDone", func() bool { return len(ob.list()) == 1 && committedOutcomes(t, db) == 1 })
 			if len(oa.list()) != 0 {
 				t.Fatalf("A's OnDone ran for a call cut short: %+v", oa.list())
 			}
