@@ -22,7 +22,12 @@
 // them delivered with one UPDATE. Publish returns once the broker has durably
 // accepted the messages, so a row is marked delivered only after its message
 // is safe; a relay that stops between the two publishes the rows again when it
-// (or another relay) resumes. The message id is the broker's dedup id: a
+// (or another relay) resumes. The mark runs on a goroutine of its own while
+// the next round reads and publishes (on SQLite it waits for the write lock,
+// often behind the transactions adding the next messages); rows published
+// and not yet marked are left out of the next reads, a failed mark is
+// retried without publishing its rows again, and the relay stops publishing
+// while four batches wait for their mark. The message id is the broker's dedup id: a
 // broker that drops re-published ids within a window (NATS JetStream) stores
 // such a message once, and the consumer's inbox absorbs any duplicate that
 // gets through anyway (a re-publish after the window, or on a broker without

@@ -31,6 +31,16 @@
 // [FromSQL] accepts any *sql.Tx, so data layers built on database/sql (sqlc,
 // sqlx, ent, bun, gorm through its *sql.Tx) join the same way.
 //
+// # Speed
+//
+// On PostgreSQL, [ExecLater] queues a write whose result is not needed, to
+// travel with the transaction's next statement or its commit in one round
+// trip. On SQLite, where write transactions run one at a time, statements
+// stay prepared per connection (parsing is otherwise a large share of the
+// time the write lock is held), and [DB.InGroupTx] serves the small
+// transactions of concurrent callers in one, with one commit (group
+// commit), each call still rolled back alone when its fn fails.
+//
 // # One SQL text where the dialects agree
 //
 // Placeholders are $1, $2, ... on both dialects: SQLite reads $N as the N-th
