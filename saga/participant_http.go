@@ -63,7 +63,8 @@ func (p *Participant) serveHTTP(w http.ResponseWriter, r *http.Request, db *sqld
 		return
 	}
 	var reply Reply
-	err = db.InTx(message.WithCause(r.Context(), cmd.Msg), func(ctx context.Context, tx sqldb.Tx) error {
+	// Concurrent calls share commits on SQLite (group commit).
+	err = db.InGroupTx(message.WithCause(r.Context(), cmd.Msg), func(ctx context.Context, tx sqldb.Tx) error {
 		var err error
 		reply, err = p.answerTx(ctx, tx, cmd, st)
 		return err

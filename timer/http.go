@@ -427,7 +427,9 @@ func (s *Scheduler) runTask(ctx context.Context, c claimedTask) {
 	var n int64
 	for tries := 1; ; tries++ {
 		wctx, cancel := context.WithTimeout(bg, outcomeWriteTimeout)
-		err := s.db.InTx(wctx, func(ctx context.Context, tx sqldb.Tx) error {
+		// Calls ending at the same time record their outcomes in one
+		// transaction on SQLite (group commit).
+		err := s.db.InGroupTx(wctx, func(ctx context.Context, tx sqldb.Tx) error {
 			var err error
 			n, err = record(ctx, tx)
 			return err
