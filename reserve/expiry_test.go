@@ -128,3 +128,48 @@ func (e *env) fireStaleExpiry(t *testing.T, id string) {
 		return e.count(t, `SELECT COUNT(*) FROM troupe_timers WHERE id = $1`, stale.ID) == 0
 	})
 }
+
+// A Cancel takes the reservation's expiry timer with it, and a stale
+// expiry timer (one left from before, or a copy) changes nothing of a
+// cancelled or released reservation: it stays as it was, its resource with
+// whoever holds it now.
+func TestExpiry_CancelTakesItsTimerAndStaleTimersLeaveEndedReservationsAlone(t *testing.T) {
+	for _, kind := range dialects {
+		t.Run(kind, func(t *testing.T) {
+			e := newEnv(t, kind, 0)
+			ctx := context.Background()
+			e.add(t, "agents", "ada", "bob")
+			for _, id := range []string{"order-1", "order-2"} {
+				if _, err := e.try(t, id, "agents", time.Minute); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if _, err := e.r.Cancel(ctx, "order-1"); err != nil {
+				t.Fatal(err)
+			}
+			if n := e.count(t, `SELECT COUNT(*) FROM troupe_timers WHERE target = $1`, reserve.ExpireHandler); n != 1 {
+				t.Fatalf("%d expiry timers after one of two holds was cancelled, want 1 (the other's)", n)
+			}
+			if _, err := e.r.Confirm(ctx, "order-2"); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := e.r.Release(ctx, "order-2"); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := e.try(t, "order-3", "agents", time.Minute); err != nil { // takes a freed agent
+				t.Fatal(err)
+			}
+			held := e.get(t, "order-3").Resource
+			e.run(t)
+			e.fireStaleExpiry(t, "order-1")
+			e.fireStaleExpiry(t, "order-2")
+			if got := e.get(t, "order-1").State; got != reserve.Cancelled {
+				t.Errorf("order-1 is %s after a stale expiry timer, want cancelled", got)
+			}
+			if got := e.get(t, "order-2").State; got != reserve.Released {
+				t.Errorf("order-2 is %s after a stale expiry timer, want released", got)
+			}
+			e.wantResource(t, "agents", held, reserve.ResourceHeld, "order-3")
+		})
+	}
+}

@@ -901,6 +901,12 @@ func TestReservationsSteps_RefusesWhatCannotRunAndSaysWhichNumbersConflict(t *te
 		{"a margin as long as the expiry",
 			saga.Reservations[delivery]{Name: "d", Expiry: time.Minute, Margin: time.Minute, Resources: []saga.Reserve[delivery]{packet}},
 			[]string{"Margin of at least 0 and less than Expiry 1m0s, have 1m0s"}},
+		{"a negative margin",
+			saga.Reservations[delivery]{Name: "d", Expiry: time.Hour, Margin: -time.Second, Resources: []saga.Reserve[delivery]{packet}},
+			[]string{"Margin of at least 0 and less than Expiry 1h0m0s, have -1s"}},
+		{"one millisecond short",
+			saga.Reservations[delivery]{Name: "d", Expiry: 66*time.Second - time.Millisecond, Margin: 6 * time.Second, Resources: []saga.Reserve[delivery]{packet}},
+			[]string{`+ 6s (Margin) = 1m6s`}},
 		{"no name, no expiry, no resources",
 			saga.Reservations[delivery]{},
 			[]string{"empty Name", "want a positive Expiry, have 0s", "no Resources"}},
@@ -938,6 +944,16 @@ func TestReservationsSteps_RefusesWhatCannotRunAndSaysWhichNumbersConflict(t *te
 				}
 			}
 		})
+	}
+}
+
+// An expiry exactly as long as the budgets and the margin is enough.
+func TestReservationsSteps_AcceptsAnExpiryThatExactlyCoversTheBudgets(t *testing.T) {
+	packet := saga.Reserve[delivery]{Name: "packet", Topic: "kitchen.commands", TryCommand: packetTry, ConfirmCommand: packetConfirm,
+		Deadline: 10 * time.Second, MaxAttempts: 3}
+	steps, err := saga.Reservations[delivery]{Name: "d", Expiry: 66 * time.Second, Margin: 6 * time.Second, Resources: []saga.Reserve[delivery]{packet}}.Steps()
+	if err != nil || len(steps) != 2 {
+		t.Fatalf("Expiry 1m6s = 30s + 30s + 6s: %d steps, %v; want the two phases", len(steps), err)
 	}
 }
 
