@@ -282,9 +282,7 @@ func (db *DB) beginGroupTx(ctx context.Context) (*stxHolder, error) {
 func (db *DB) handOn(g *group) {
 	db.groupMu.Lock()
 	if len(g.waiting) == 0 {
-		if db.forming == g {
-			db.forming = nil
-		}
+		db.closeLocked(g)
 		db.groupMu.Unlock()
 		return
 	}
@@ -304,15 +302,9 @@ func (db *DB) serveGroup(g *group, broken error) ([]*member, error) {
 	for {
 		db.groupMu.Lock()
 		if broken != nil || len(g.waiting) == 0 {
-			if db.forming == g {
-				db.forming = nil
-			}
-			rest := g.waiting
-			g.waiting = nil
+			rest := db.closeLocked(g)
 			db.groupMu.Unlock()
-			for _, m := range rest {
-				m.turn <- false
-			}
+			runAlone(rest)
 			return ok, broken
 		}
 		m := g.waiting[0]
@@ -334,13 +326,25 @@ func (db *DB) serveGroup(g *group, broken error) ([]*member, error) {
 // its members to run alone.
 func (db *DB) abandonGroup(g *group) {
 	db.groupMu.Lock()
+	rest := db.closeLocked(g)
+	db.groupMu.Unlock()
+	runAlone(rest)
+}
+
+// closeLocked closes g to newcomers and returns the calls still waiting in
+// it. The caller holds db.groupMu.
+func (db *DB) closeLocked(g *group) []*member {
 	if db.forming == g {
 		db.forming = nil
 	}
 	rest := g.waiting
 	g.waiting = nil
-	db.groupMu.Unlock()
-	for _, m := range rest {
+	return rest
+}
+
+// runAlone sends members to run their fn in a transaction of their own.
+func runAlone(members []*member) {
+	for _, m := range members {
 		m.turn <- false
 	}
 }
