@@ -301,41 +301,7 @@ type deliveryWorkload struct {
 }
 
 func (wl *deliveryWorkload) run(ctx context.Context) error {
-	jobs := make(chan int)
-	errc := make(chan error, wl.cfg.Clients)
-	var wg sync.WaitGroup
-	for c := range wl.cfg.Clients {
-		rng := rand.New(rand.NewPCG(wl.cfg.Seed, uint64(c)+200))
-		wg.Go(func() {
-			for n := range jobs {
-				if err := wl.one(ctx, rng, n); err != nil {
-					errc <- err
-					return
-				}
-			}
-		})
-	}
-	var err error
-feed:
-	for n := range wl.cfg.Orders {
-		select {
-		case jobs <- n:
-		case err = <-errc:
-			break feed
-		case <-ctx.Done():
-			err = ctx.Err()
-			break feed
-		}
-	}
-	close(jobs)
-	wg.Wait()
-	if err == nil {
-		select {
-		case err = <-errc:
-		default:
-		}
-	}
-	return err
+	return runClients(ctx, wl.cfg.Clients, wl.cfg.Orders, wl.cfg.Seed, 200, nil, wl.one)
 }
 
 // one places order n and waits for it to end.
@@ -362,25 +328,16 @@ func (wl *deliveryWorkload) one(ctx context.Context, rng *rand.Rand, n int) erro
 
 // progress prints a line a second until done.
 func (wl *deliveryWorkload) progress(ctx context.Context, w io.Writer, start time.Time, done <-chan struct{}) {
-	t := time.NewTicker(time.Second)
-	defer t.Stop()
-	for {
-		select {
-		case <-done:
-			return
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			tot, err := wl.s.Count(ctx)
-			if err != nil {
-				continue
-			}
-			var notPlaced int
-			for _, n := range tot.NotPlaced {
-				notPlaced += n
-			}
-			fmt.Fprintf(w, "      %5.1fs  %4d/%d ended: %d placed, %d not placed; %d in flight\n",
-				time.Since(start).Seconds(), wl.ended.Load(), wl.cfg.Orders, tot.Placed, notPlaced, wl.placed.Load()-wl.ended.Load())
+	printProgress(ctx, w, start, done, func() (string, bool) {
+		tot, err := wl.s.Count(ctx)
+		if err != nil {
+			return "", false
 		}
-	}
+		var notPlaced int
+		for _, n := range tot.NotPlaced {
+			notPlaced += n
+		}
+		return fmt.Sprintf("%4d/%d ended: %d placed, %d not placed; %d in flight",
+			wl.ended.Load(), wl.cfg.Orders, tot.Placed, notPlaced, wl.placed.Load()-wl.ended.Load()), true
+	})
 }

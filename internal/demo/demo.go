@@ -269,46 +269,12 @@ type workload struct {
 }
 
 func (w *workload) run(ctx context.Context) error {
-	jobs := make(chan int)
-	errc := make(chan error, w.cfg.Clients)
-	var wg sync.WaitGroup
-	for c := range w.cfg.Clients {
-		rng := rand.New(rand.NewPCG(w.cfg.Seed, uint64(c)+100))
-		wg.Go(func() {
-			for n := range jobs {
-				if err := w.one(ctx, rng, n); err != nil {
-					errc <- err
-					return
-				}
-			}
-		})
-	}
-	var err error
-feed:
-	for n := range w.cfg.Orders {
+	return runClients(ctx, w.cfg.Clients, w.cfg.Orders, w.cfg.Seed, 100, func(n int) error {
 		if n == w.cfg.Orders/2 {
-			if err = w.restartOrder(ctx); err != nil {
-				break
-			}
+			return w.restartOrder(ctx)
 		}
-		select {
-		case jobs <- n:
-		case err = <-errc:
-			break feed
-		case <-ctx.Done():
-			err = ctx.Err()
-			break feed
-		}
-	}
-	close(jobs)
-	wg.Wait()
-	if err == nil {
-		select {
-		case err = <-errc:
-		default:
-		}
-	}
-	return err
+		return nil
+	}, w.one)
 }
 
 // restartOrder stops the Order service while sagas are in flight and
@@ -385,23 +351,14 @@ func (w *workload) one(ctx context.Context, rng *rand.Rand, n int) error {
 
 // progress prints a line a second until done.
 func (w *workload) progress(ctx context.Context, out io.Writer, start time.Time, done <-chan struct{}) {
-	t := time.NewTicker(time.Second)
-	defer t.Stop()
-	for {
-		select {
-		case <-done:
-			return
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			tot, err := w.shop.Count(ctx)
-			if err != nil {
-				continue
-			}
-			fmt.Fprintf(out, "      %5.1fs  %5d/%d ended: %d approved, %d rejected, %d cancelled; %d in flight\n",
-				time.Since(start).Seconds(), w.ended.Load(), w.cfg.Orders, tot.Approved, tot.Rejected, tot.Cancelled, w.placed.Load()-w.ended.Load())
+	printProgress(ctx, out, start, done, func() (string, bool) {
+		tot, err := w.shop.Count(ctx)
+		if err != nil {
+			return "", false
 		}
-	}
+		return fmt.Sprintf("%5d/%d ended: %d approved, %d rejected, %d cancelled; %d in flight",
+			w.ended.Load(), w.cfg.Orders, tot.Approved, tot.Rejected, tot.Cancelled, w.placed.Load()-w.ended.Load()), true
+	})
 }
 
 // quiesce waits until the shop's invariants hold or a settling time has
