@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
-	"strings"
 	"sync/atomic"
 	"time"
 
@@ -15,7 +14,6 @@ import (
 	"github.com/troupedev/troupe/examples/delivery/order"
 	"github.com/troupedev/troupe/examples/delivery/store"
 	"github.com/troupedev/troupe/internal/brokeropen"
-	"github.com/troupedev/troupe/internal/servicedb"
 )
 
 // Delivery returns the delivery benchmark: orders of examples/delivery
@@ -55,24 +53,12 @@ func runDelivery(ctx context.Context, cfg Config) (*Result, error) {
 		return nil, err
 	}
 	defer cleanup()
-	dbCfg := servicedb.Config{Dir: fmt.Sprintf("%s/delivery-%d", dir, time.Now().UnixNano()), Prefix: "troupe_bench_delivery_", Fresh: true, SQLiteFullSync: cfg.SQLiteFullSync,
-		MaxConns: map[string]int{"order": min(cfg.Concurrency+8, 72), "store": 8, "delivery": 8}}
-	if cfg.DB != "sqlite" {
-		admin, err := openDB(ctx, cfg, dir)
-		if err != nil {
-			return nil, err
-		}
-		defer admin.close()
-		dbCfg.Postgres = admin.db.Pool().Config().ConnString()
-		if !strings.Contains(dbCfg.Postgres, "://") {
-			return nil, errors.New("--postgres: the delivery benchmark needs a URL (postgres://...) to create its databases")
-		}
-	}
-	dbs, err := servicedb.Open(ctx, dbCfg, "order", "store", "delivery")
+	dbs, closeDBs, err := openServices(ctx, cfg, dir, "troupe_bench_delivery_",
+		map[string]int{"order": min(cfg.Concurrency+8, 72), "store": 8, "delivery": 8}, "order", "store", "delivery")
 	if err != nil {
 		return nil, err
 	}
-	defer dbs.Close()
+	defer closeDBs()
 	log := slog.New(slog.DiscardHandler)
 	ob, err := brokeropen.Open(ctx, cfg.Broker, dir, log)
 	if err != nil {
@@ -179,22 +165,8 @@ func runDelivery(ctx context.Context, cfg Config) (*Result, error) {
 // deliveryInvariants waits for the orders still in flight to end, then
 // checks the example's invariants.
 func deliveryInvariants(ctx context.Context, s *delivery.Services) (string, error) {
-	deadline := time.Now().Add(sagaWaitLimit)
-	for {
-		v, err := s.Check(ctx)
-		if err != nil {
-			return "", err
-		}
-		if len(v) == 0 {
-			return "ok: every order ended, each placed order with its packet and an agent, no resource assigned twice, nothing held by orders not placed", nil
-		}
-		if time.Now().After(deadline) {
-			msgs := make([]string, len(v))
-			for i, x := range v {
-				msgs[i] = x.String()
-			}
-			return "", fmt.Errorf("invariant broken: %s", strings.Join(msgs, "; "))
-		}
-		time.Sleep(100 * time.Millisecond)
+	if err := waitInvariants(ctx, s.Check); err != nil {
+		return "", err
 	}
+	return "ok: every order ended, each placed order with its packet and an agent, no resource assigned twice, nothing held by orders not placed", nil
 }

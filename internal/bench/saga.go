@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
-	"strings"
 	"sync/atomic"
 	"time"
 
@@ -14,7 +13,6 @@ import (
 	"github.com/troupedev/troupe/examples/shop/customer"
 	"github.com/troupedev/troupe/examples/shop/order"
 	"github.com/troupedev/troupe/internal/brokeropen"
-	"github.com/troupedev/troupe/internal/servicedb"
 	"github.com/troupedev/troupe/sqldb"
 )
 
@@ -58,24 +56,12 @@ func runSaga(ctx context.Context, cfg Config) (*Result, error) {
 		return nil, err
 	}
 	defer cleanup()
-	dbCfg := servicedb.Config{Dir: fmt.Sprintf("%s/saga-%d", dir, time.Now().UnixNano()), Prefix: "troupe_bench_saga_", Fresh: true, SQLiteFullSync: cfg.SQLiteFullSync,
-		MaxConns: map[string]int{"order": min(cfg.Concurrency+8, 72), "customer": 8}}
-	if cfg.DB != "sqlite" {
-		admin, err := openDB(ctx, cfg, dir)
-		if err != nil {
-			return nil, err
-		}
-		defer admin.close()
-		dbCfg.Postgres = admin.db.Pool().Config().ConnString()
-		if !strings.Contains(dbCfg.Postgres, "://") {
-			return nil, errors.New("--postgres: the saga benchmark needs a URL (postgres://...) to create its two databases")
-		}
-	}
-	dbs, err := servicedb.Open(ctx, dbCfg, "order", "customer")
+	dbs, closeDBs, err := openServices(ctx, cfg, dir, "troupe_bench_saga_",
+		map[string]int{"order": min(cfg.Concurrency+8, 72), "customer": 8}, "order", "customer")
 	if err != nil {
 		return nil, err
 	}
-	defer dbs.Close()
+	defer closeDBs()
 	orderDB, custDB := dbs.DBs["order"], dbs.DBs["customer"]
 	log := slog.New(slog.DiscardHandler)
 	ob, err := brokeropen.Open(ctx, cfg.Broker, dir, log)
@@ -179,29 +165,15 @@ func runSaga(ctx context.Context, cfg Config) (*Result, error) {
 // sagaInvariants waits up to sagaWaitLimit for the orders a failed client
 // left in flight, then checks the shop's invariants.
 func sagaInvariants(ctx context.Context, s *shop.Shop) (string, error) {
-	deadline := time.Now().Add(sagaWaitLimit)
-	for {
-		v, err := s.Check(ctx)
-		if err != nil {
-			return "", err
-		}
-		if len(v) == 0 {
-			tot, err := s.Count(ctx)
-			if err != nil {
-				return "", err
-			}
-			return fmt.Sprintf("ok: all %d orders and sagas ended (%d approved, %d rejected), each order's state matches its saga's, and each of %d customers' reserved credit equals the sum of its approved orders",
-				tot.Approved+tot.Rejected+tot.Cancelled, tot.Approved, tot.Rejected, sagaCustomers), nil
-		}
-		if time.Now().After(deadline) {
-			msgs := make([]string, len(v))
-			for i, x := range v {
-				msgs[i] = x.String()
-			}
-			return "", fmt.Errorf("invariant broken: %s", strings.Join(msgs, "; "))
-		}
-		time.Sleep(100 * time.Millisecond)
+	if err := waitInvariants(ctx, s.Check); err != nil {
+		return "", err
 	}
+	tot, err := s.Count(ctx)
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("ok: all %d orders and sagas ended (%d approved, %d rejected), each order's state matches its saga's, and each of %d customers' reserved credit equals the sum of its approved orders",
+		tot.Approved+tot.Rejected+tot.Cancelled, tot.Approved, tot.Rejected, sagaCustomers), nil
 }
 
 // sagaCommits are the transactions committed in each database so far.
