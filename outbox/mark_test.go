@@ -92,3 +92,36 @@ func TestRelay_PublishedRowsWhoseMarkFailsAreMarkedLaterNotPublishedAgain(t *tes
 		})
 	}
 }
+
+// TestRelay_StoppedWithRowsAwaitingTheirMarkMarksThemBeforeRunReturns: a
+// relay stopped while its published rows wait for their mark (the mark
+// failed and waits out its backoff) makes one last mark before Run returns,
+// so the relay that takes over does not publish them again.
+func TestRelay_StoppedWithRowsAwaitingTheirMarkMarksThemBeforeRunReturns(t *testing.T) {
+	for _, kind := range dialects {
+		t.Run(kind, func(t *testing.T) {
+			db, _ := openDB(t, kind)
+			refuse := refuseMarks(t, db)
+			refuse(true)
+			msgs := []*message.Message{newMsg("a", 0), newMsg("b", 0)}
+			addAll(t, db, "shop.orders", msgs)
+			pub := &flakyPublisher{changed: make(chan struct{}, 1), fail: func(int, []*message.Message) error { return nil }}
+			clock := newFakeClock()
+			r, err := outbox.NewRelay(db, pub, outbox.RelayConfig{Clock: clock, PollInterval: time.Hour, LeaseTTL: 3 * time.Hour})
+			if err != nil {
+				t.Fatal(err)
+			}
+			stop := runRelay(t, r)
+			pub.waitAccepted(t, len(msgs))
+			clock.waitRequest(t, outbox.DefaultMinBackoff) // the mark failed
+			if n := pendingRows(t, db); n != len(msgs) {
+				t.Fatalf("%d rows pending while marks are refused, want %d", n, len(msgs))
+			}
+			refuse(false)
+			stop()
+			if n := pendingRows(t, db); n != 0 {
+				t.Fatalf("%d published rows left unmarked after Run returned, want 0", n)
+			}
+		})
+	}
+}
