@@ -69,8 +69,10 @@ type Cluster struct {
 	logFile string
 	port    int
 	pgCtl   string
-	runAs   string // "postgres" when this process is root, else ""
-	runuser string // path of runuser, when runAs is set
+
+	startTimeout time.Duration
+	runAs        string // "postgres" when this process is root, else ""
+	runuser      string // path of runuser, when runAs is set
 
 	watchdog     *exec.Cmd
 	watchdogPipe *os.File // write end; closing it (or exiting) fires the watchdog
@@ -259,16 +261,44 @@ func (c *Cluster) start(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("pgcluster: find a free port: %w", err)
 	}
 	c.port = port
-	ctx, cancel := context.WithTimeout(ctx, cfg.StartTimeout+5*time.Second)
+	c.startTimeout = cfg.StartTimeout
+	return c.startServer(ctx)
+}
+
+// startServer starts the server on c.port and waits until it accepts
+// connections.
+func (c *Cluster) startServer(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, c.startTimeout+5*time.Second)
 	defer cancel()
-	secs := strconv.Itoa(int(cfg.StartTimeout.Round(time.Second) / time.Second))
+	secs := strconv.Itoa(int(c.startTimeout.Round(time.Second) / time.Second))
 	out, err := c.pgctl(ctx, "start", "-D", c.dataDir, "-l", c.logFile, "-w", "-t", secs,
-		"-o", "-p "+strconv.Itoa(port))
+		"-o", "-p "+strconv.Itoa(c.port))
 	if err != nil {
 		return fmt.Errorf("pgcluster: start server on 127.0.0.1:%d: %w\n%s\nlast lines of the server log:\n%s",
-			port, err, tail(out, 5), c.logTail())
+			c.port, err, tail(out, 5), c.logTail())
 	}
 	return nil
+}
+
+// Crash stops the server the way a crash would (pg_ctl stop -m immediate:
+// every server process quits at once, nothing is flushed, open connections
+// break) and starts it again on the same port and data, as after a crash:
+// the server replays its write-ahead log before it accepts connections
+// again. What was committed survives; transactions in flight are gone.
+// Crash returns once the server accepts connections again.
+func (c *Cluster) Crash(ctx context.Context) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.stopped {
+		return errors.New("pgcluster: Crash of a stopped cluster")
+	}
+	stopCtx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	out, err := c.pgctl(stopCtx, "stop", "-D", c.dataDir, "-m", "immediate", "-w", "-t", "60")
+	cancel()
+	if err != nil {
+		return fmt.Errorf("pgcluster: stop -m immediate: %w\n%s", err, tail(out, 5))
+	}
+	return c.startServer(ctx)
 }
 
 // startWatchdog launches the shell that stops the cluster once this process

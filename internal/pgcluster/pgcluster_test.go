@@ -237,3 +237,58 @@ func TestStart_FailureShowsServerLog(t *testing.T) {
 	}
 	t.Log(err)
 }
+
+func TestCrash_KeepsCommittedRowsLosesOpenTransactionsAndServesOnTheSamePort(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c, err := pgcluster.Start(ctx, pgcluster.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Stop(ctx)
+	port := c.Port()
+	conn, err := pgx.Connect(ctx, c.URL("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.Exec(ctx, `CREATE TABLE t (v int); INSERT INTO t VALUES (1)`); err != nil {
+		t.Fatal(err)
+	}
+	open, err := pgx.Connect(ctx, c.URL("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tx, err := open.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(ctx, `INSERT INTO t VALUES (2)`); err != nil {
+		t.Fatal(err)
+	}
+
+	if err := c.Crash(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if c.Port() != port {
+		t.Errorf("port %d after Crash, was %d", c.Port(), port)
+	}
+	if _, err := conn.Exec(ctx, `SELECT 1`); err == nil {
+		t.Error("a connection opened before Crash still works: the server was not restarted")
+	}
+	conn.Close(ctx)
+	open.Close(ctx)
+	after, err := pgx.Connect(ctx, c.URL("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer after.Close(ctx)
+	var got []int32
+	rows, _ := after.Query(ctx, `SELECT v FROM t ORDER BY v`)
+	got, err = pgx.CollectRows(rows, pgx.RowTo[int32])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(got) != "[1]" {
+		t.Errorf("rows after Crash = %v, want [1]: the committed row kept, the open transaction's lost", got)
+	}
+}
