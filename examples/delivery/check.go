@@ -9,6 +9,7 @@ import (
 	"github.com/troupedev/troupe/examples/delivery/dispatch"
 	"github.com/troupedev/troupe/examples/delivery/order"
 	"github.com/troupedev/troupe/examples/delivery/store"
+	"github.com/troupedev/troupe/outbox"
 	"github.com/troupedev/troupe/reserve"
 	"github.com/troupedev/troupe/saga"
 	"github.com/troupedev/troupe/sqldb"
@@ -22,11 +23,12 @@ const (
 	InvNotPlacedNothing = "not-placed orders hold nothing"
 	InvAssignedOnce     = "no packet or agent assigned twice"
 	InvNothingHeld      = "no reservation left held"
+	InvOutboxDelivered  = "every outbox message delivered"
 )
 
 // Invariants lists the invariants Check reads, in the order it reports
 // them.
-var Invariants = []string{InvEveryOrderEnded, InvEverySagaEnded, InvPlacedFulfilled, InvNotPlacedNothing, InvAssignedOnce, InvNothingHeld}
+var Invariants = []string{InvEveryOrderEnded, InvEverySagaEnded, InvPlacedFulfilled, InvNotPlacedNothing, InvAssignedOnce, InvNothingHeld, InvOutboxDelivered}
 
 // Violation is a broken invariant.
 type Violation struct {
@@ -39,8 +41,16 @@ type Violation struct {
 func (v Violation) String() string { return v.Invariant + ": " + v.Detail }
 
 // Check reads the three databases and returns every broken invariant of
-// a quiescent example (no order in flight, every hold past its expiry
-// released):
+// a quiescent example: CheckDatabases on the services' databases.
+func (s *Services) Check(ctx context.Context) ([]Violation, error) {
+	return CheckDatabases(ctx, s.cfg.OrderDB, s.cfg.StoreDB, s.cfg.DeliveryDB)
+}
+
+// CheckDatabases reads the Order, Store and Delivery databases, and only
+// them, and returns every broken invariant of a quiescent example (no
+// order in flight, every hold past its expiry released), so a process
+// that did not run the services (a checker, a fault-injection harness)
+// can call it:
 //
 //   - every order has ended (PLACED or NOT_PLACED), and every saga
 //     (completed or compensated; none running, compensating or parked);
@@ -52,8 +62,11 @@ func (v Violation) String() string { return v.Invariant + ": " + v.Detail }
 //   - no packet or agent is assigned twice: at most one confirmed
 //     reservation per resource, and the resource is assigned to exactly
 //     the reservation that confirmed it;
-//   - no reservation is left held, and no resource.
-func (s *Services) Check(ctx context.Context) ([]Violation, error) {
+//   - no reservation is left held, and no resource;
+//   - every message written to the Order service's or the Store's outbox
+//     has been delivered to the broker (the Delivery service has no
+//     outbox: it answers over HTTP and publishes nothing).
+func CheckDatabases(ctx context.Context, orderDB, storeDB, deliveryDB *sqldb.DB) ([]Violation, error) {
 	var out []Violation
 	add := func(inv, format string, args ...any) {
 		out = append(out, Violation{Invariant: inv, Detail: fmt.Sprintf(format, args...)})
@@ -64,7 +77,7 @@ func (s *Services) Check(ctx context.Context) ([]Violation, error) {
 		food, packets, agent string
 	}
 	orders := map[string]orderRow{}
-	err := query(ctx, s.cfg.OrderDB, `SELECT id, state, quantity, food_id, packets, agent FROM delivery_orders`, func(scan func(...any) error) error {
+	err := query(ctx, orderDB, `SELECT id, state, quantity, food_id, packets, agent FROM delivery_orders`, func(scan func(...any) error) error {
 		var id, state string
 		var r orderRow
 		if err := scan(&id, &state, &r.quantity, &r.food, &r.packets, &r.agent); err != nil {
@@ -87,7 +100,7 @@ func (s *Services) Check(ctx context.Context) ([]Violation, error) {
 		add(InvEveryOrderEnded, "%d orders are still PENDING", pending)
 	}
 	var unfinished int
-	if err := s.cfg.OrderDB.QueryRow(ctx, `SELECT count(*) FROM troupe_sagas WHERE status NOT IN ($1, $2)`,
+	if err := orderDB.QueryRow(ctx, `SELECT count(*) FROM troupe_sagas WHERE status NOT IN ($1, $2)`,
 		string(saga.Completed), string(saga.Compensated)).Scan(&unfinished); err != nil {
 		return nil, err
 	}
@@ -95,19 +108,19 @@ func (s *Services) Check(ctx context.Context) ([]Violation, error) {
 		add(InvEverySagaEnded, "%d sagas are running, compensating or parked", unfinished)
 	}
 
-	packets, err := reservations(ctx, s.cfg.StoreDB)
+	packets, err := reservations(ctx, storeDB)
 	if err != nil {
 		return nil, fmt.Errorf("delivery: read the Store's reservations: %w", err)
 	}
-	agents, err := reservations(ctx, s.cfg.DeliveryDB)
+	agents, err := reservations(ctx, deliveryDB)
 	if err != nil {
 		return nil, fmt.Errorf("delivery: read the Delivery service's reservations: %w", err)
 	}
-	packetsOf, err := assigned(ctx, s.cfg.StoreDB)
+	packetsOf, err := assigned(ctx, storeDB)
 	if err != nil {
 		return nil, fmt.Errorf("delivery: read the Store's reservations: %w", err)
 	}
-	agentsOf, err := assigned(ctx, s.cfg.DeliveryDB)
+	agentsOf, err := assigned(ctx, deliveryDB)
 	if err != nil {
 		return nil, fmt.Errorf("delivery: read the Delivery service's reservations: %w", err)
 	}
@@ -145,7 +158,7 @@ func (s *Services) Check(ctx context.Context) ([]Violation, error) {
 	for _, db := range []struct {
 		name string
 		db   *sqldb.DB
-	}{{"Store", s.cfg.StoreDB}, {"Delivery", s.cfg.DeliveryDB}} {
+	}{{"Store", storeDB}, {"Delivery", deliveryDB}} {
 		err := query(ctx, db.db, `SELECT pool, resource, count(*) FROM troupe_reservations WHERE state = 'confirmed'
 			GROUP BY pool, resource HAVING count(*) > 1`, func(scan func(...any) error) error {
 			var pool, res string
@@ -196,6 +209,18 @@ func (s *Services) Check(ctx context.Context) ([]Violation, error) {
 		}
 		if held+heldRes > 0 {
 			add(InvNothingHeld, "%s: %d reservations and %d resources are held", db.name, held, heldRes)
+		}
+	}
+	for _, db := range []struct {
+		name string
+		db   *sqldb.DB
+	}{{"Order", orderDB}, {"Store", storeDB}} {
+		var undelivered int
+		if err := db.db.QueryRow(ctx, `SELECT count(*) FROM `+outbox.Table+` WHERE delivered_at IS NULL`).Scan(&undelivered); err != nil {
+			return nil, err
+		}
+		if undelivered > 0 {
+			add(InvOutboxDelivered, "%s: %d outbox messages are not delivered", db.name, undelivered)
 		}
 	}
 	return sortViolations(out), nil

@@ -28,6 +28,7 @@ import (
 	"github.com/troupedev/troupe/broker"
 	"github.com/troupedev/troupe/examples/shop/customer"
 	"github.com/troupedev/troupe/examples/shop/order"
+	"github.com/troupedev/troupe/outbox"
 	"github.com/troupedev/troupe/saga"
 	"github.com/troupedev/troupe/sqldb"
 )
@@ -261,9 +262,21 @@ func (s *Shop) Count(ctx context.Context) (Totals, error) {
 	return t, rows.Err()
 }
 
+// The invariants CheckDatabases reads, by name, in the order it reports
+// them.
+const (
+	InvEveryOrderEnded  = "every order ended"
+	InvEverySagaEnded   = "every saga ended"
+	InvEveryFlowEnded   = "every flow ended"
+	InvOutboxDelivered  = "every outbox message delivered"
+	InvStateMatchesSaga = "order state matches its saga"
+	InvReservedApproved = "reserved credit = approved orders"
+	InvWithinLimit      = "reserved credit within the limit"
+)
+
 // Violation is a broken invariant.
 type Violation struct {
-	// Invariant names the rule.
+	// Invariant names the rule (one of the Inv constants).
 	Invariant string
 	// Detail says where and how it is broken.
 	Detail string
@@ -272,55 +285,77 @@ type Violation struct {
 func (v Violation) String() string { return v.Invariant + ": " + v.Detail }
 
 // Check reads both databases and returns every broken invariant of a
-// quiescent shop (no order in flight):
+// quiescent shop: CheckDatabases on the shop's databases.
+func (s *Shop) Check(ctx context.Context) ([]Violation, error) {
+	return CheckDatabases(ctx, s.cfg.OrderDB, s.cfg.CustomerDB)
+}
+
+// CheckDatabases reads the Order and the Customer databases, and only
+// them, and returns every broken invariant of a quiescent shop (no order
+// in flight), so a process that did not run the services (a checker, a
+// fault-injection harness) can call it:
 //
 //   - every order has ended (none PENDING), every saga has ended
 //     (completed or compensated; none running, compensating or parked),
 //     and every choreographed flow has ended;
+//   - every message written to either service's outbox has been
+//     delivered to the broker (none with delivered_at unset);
 //   - each order's state matches its saga's (APPROVED ⇔ completed);
 //   - for every customer, reserved credit equals the sum of its approved
 //     orders' totals (no credit reserved twice, none leaked by a
 //     cancelled or rejected order);
 //   - no customer's reserved credit exceeds its limit.
-func (s *Shop) Check(ctx context.Context) ([]Violation, error) {
+func CheckDatabases(ctx context.Context, orderDB, customerDB *sqldb.DB) ([]Violation, error) {
 	var out []Violation
 	add := func(inv, format string, args ...any) {
 		out = append(out, Violation{Invariant: inv, Detail: fmt.Sprintf(format, args...)})
 	}
 	var pending, unfinished int
-	if err := s.cfg.OrderDB.QueryRow(ctx, `SELECT count(*) FROM shop_orders WHERE state = $1`, string(order.Pending)).Scan(&pending); err != nil {
+	if err := orderDB.QueryRow(ctx, `SELECT count(*) FROM shop_orders WHERE state = $1`, string(order.Pending)).Scan(&pending); err != nil {
 		return nil, err
 	}
 	if pending > 0 {
-		add("every order ended", "%d orders are still PENDING", pending)
+		add(InvEveryOrderEnded, "%d orders are still PENDING", pending)
 	}
-	if err := s.cfg.OrderDB.QueryRow(ctx, `SELECT count(*) FROM troupe_sagas WHERE status NOT IN ($1, $2)`,
+	if err := orderDB.QueryRow(ctx, `SELECT count(*) FROM troupe_sagas WHERE status NOT IN ($1, $2)`,
 		string(saga.Completed), string(saga.Compensated)).Scan(&unfinished); err != nil {
 		return nil, err
 	}
 	if unfinished > 0 {
-		add("every saga ended", "%d sagas are running, compensating or parked", unfinished)
+		add(InvEverySagaEnded, "%d sagas are running, compensating or parked", unfinished)
 	}
 	// Choreographed orders are tracked as flows; each must have ended too
 	// (the tracker reads the events after the fact, so a check right after
 	// the last order ended may see it a little behind).
 	var running int
-	if err := s.cfg.OrderDB.QueryRow(ctx, `SELECT count(*) FROM troupe_flows WHERE status = 'running'`).Scan(&running); err != nil {
+	if err := orderDB.QueryRow(ctx, `SELECT count(*) FROM troupe_flows WHERE status = 'running'`).Scan(&running); err != nil {
 		return nil, err
 	}
 	if running > 0 {
-		add("every flow ended", "%d choreographed flows are still running", running)
+		add(InvEveryFlowEnded, "%d choreographed flows are still running", running)
+	}
+	for _, db := range []struct {
+		name string
+		db   *sqldb.DB
+	}{{"Order", orderDB}, {"Customer", customerDB}} {
+		var undelivered int
+		if err := db.db.QueryRow(ctx, `SELECT count(*) FROM `+outbox.Table+` WHERE delivered_at IS NULL`).Scan(&undelivered); err != nil {
+			return nil, err
+		}
+		if undelivered > 0 {
+			add(InvOutboxDelivered, "%s database: %d outbox messages are not delivered", db.name, undelivered)
+		}
 	}
 	var mismatched int
-	if err := s.cfg.OrderDB.QueryRow(ctx, `SELECT count(*) FROM shop_orders o JOIN troupe_sagas g ON g.id = o.id
+	if err := orderDB.QueryRow(ctx, `SELECT count(*) FROM shop_orders o JOIN troupe_sagas g ON g.id = o.id
 		WHERE (o.state = $1) <> (g.status = $2)`, string(order.Approved), string(saga.Completed)).Scan(&mismatched); err != nil {
 		return nil, err
 	}
 	if mismatched > 0 {
-		add("order state matches its saga", "%d orders are APPROVED without a completed saga, or the reverse", mismatched)
+		add(InvStateMatchesSaga, "%d orders are APPROVED without a completed saga, or the reverse", mismatched)
 	}
 	approved := map[string]int64{}
-	rows, err := s.cfg.OrderDB.Query(ctx, `SELECT customer_id, sum(total) FROM shop_orders WHERE state = $1 GROUP BY customer_id`, string(order.Approved))
+	rows, err := orderDB.Query(ctx, `SELECT customer_id, sum(total) FROM shop_orders WHERE state = $1 GROUP BY customer_id`, string(order.Approved))
 	if err != nil {
 		return nil, err
 	}
@@ -336,7 +371,7 @@ func (s *Shop) Check(ctx context.Context) ([]Violation, error) {
 	if err := rows.Close(); err != nil {
 		return nil, err
 	}
-	rows, err = s.cfg.CustomerDB.Query(ctx, `SELECT id, credit_limit, reserved FROM shop_customers ORDER BY id`)
+	rows, err = customerDB.Query(ctx, `SELECT id, credit_limit, reserved FROM shop_customers ORDER BY id`)
 	if err != nil {
 		return nil, err
 	}
@@ -348,10 +383,10 @@ func (s *Shop) Check(ctx context.Context) ([]Violation, error) {
 			return nil, err
 		}
 		if reserved != approved[id] {
-			add("reserved credit = approved orders", "customer %s has %d reserved, its approved orders total %d", id, reserved, approved[id])
+			add(InvReservedApproved, "customer %s has %d reserved, its approved orders total %d", id, reserved, approved[id])
 		}
 		if reserved > limit {
-			add("reserved credit within the limit", "customer %s has %d reserved over a limit of %d", id, reserved, limit)
+			add(InvWithinLimit, "customer %s has %d reserved over a limit of %d", id, reserved, limit)
 		}
 	}
 	return out, rows.Err()

@@ -267,8 +267,12 @@ func describeDelivery(invariant string) string {
 		return "NOT_PLACED orders hold nothing: no packet, no agent"
 	case delivery.InvAssignedOnce:
 		return "no packet or agent is assigned twice"
-	default:
+	case delivery.InvNothingHeld:
 		return "after quiescence and expiry, no reservation is left held"
+	case delivery.InvOutboxDelivered:
+		return "every message the Order service and the Store wrote reached the broker"
+	default:
+		return invariant
 	}
 }
 

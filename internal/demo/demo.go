@@ -210,14 +210,15 @@ func Run(ctx context.Context, cfg Config) error {
 
 	fmt.Fprintf(out, "\n  invariants (read from both databases):\n")
 	checks := []string{
-		"every order ended",
-		"every saga ended",
-		"order state matches its saga",
-		"reserved credit = approved orders",
-		"reserved credit within the limit",
+		shop.InvEveryOrderEnded,
+		shop.InvEverySagaEnded,
+		shop.InvStateMatchesSaga,
+		shop.InvReservedApproved,
+		shop.InvWithinLimit,
+		shop.InvOutboxDelivered,
 	}
 	if cfg.Mode == order.Choreographed {
-		checks = append(checks, "every flow ended")
+		checks = append(checks, shop.InvEveryFlowEnded)
 	}
 	broken := map[string][]shop.Violation{}
 	for _, v := range violations {
@@ -240,18 +241,22 @@ func Run(ctx context.Context, cfg Config) error {
 
 func describe(invariant string) string {
 	switch invariant {
-	case "every order ended":
+	case shop.InvEveryOrderEnded:
 		return "every order ended: none left PENDING"
-	case "every saga ended":
+	case shop.InvEverySagaEnded:
 		return "every saga ended: completed or compensated, none running or parked"
-	case "order state matches its saga":
+	case shop.InvStateMatchesSaga:
 		return "each order's state matches its saga's (APPROVED exactly when the saga completed)"
-	case "reserved credit = approved orders":
+	case shop.InvReservedApproved:
 		return fmt.Sprintf("for each of the %d customers, reserved credit = the sum of its approved orders", customers)
-	case "every flow ended":
+	case shop.InvEveryFlowEnded:
 		return "every choreographed flow (tracked by correlation id) completed or failed"
-	default:
+	case shop.InvWithinLimit:
 		return "no customer's reserved credit exceeds its limit"
+	case shop.InvOutboxDelivered:
+		return "every message the services wrote to their outboxes reached the broker"
+	default:
+		return invariant
 	}
 }
 
