@@ -13,8 +13,9 @@ import (
 
 // Defaults of Step fields.
 const (
-	DefaultDeadline    = 30 * time.Second
-	DefaultMaxAttempts = 3
+	DefaultDeadline            = 30 * time.Second
+	DefaultMaxAttempts         = 3
+	DefaultCompensationTimeout = 10 * time.Minute
 )
 
 // ErrInvalidDefinition is matched by the error Register returns for a
@@ -90,17 +91,31 @@ type Step[D any] struct {
 	// the saga's data, one reply at a time: every transition holds the
 	// saga's row lock.
 	OnReply func(data *D, reply *ReplyMsg) error
-	// Deadline is how long to await a command's reply before sending the
-	// command again; for an HTTP step, how long one side may take in all,
-	// its retried calls included, before it counts as failed. Default 30 s.
+	// Deadline is how long to await an action's reply before sending its
+	// command again; for an HTTP step, how long the action may take in
+	// all, its retried calls included, before it counts as failed. A
+	// compensation's command is first awaited Deadline too, then twice as
+	// long at each send (see CompensationTimeout). Default 30 s.
 	Deadline time.Duration
-	// MaxAttempts caps the sends of a command. When the last one gets no
-	// reply by its deadline, an action counts as failed (the saga
-	// compensates) and a compensation parks the saga for an operator. For
-	// an HTTP step it caps the calls of one side: transient failures (a
-	// network error, 408, 425, 429, 5xx) are retried with the timer
-	// scheduler's backoff until then. Default 3.
+	// MaxAttempts caps the sends of an action's command: when the last one
+	// gets no reply by its deadline, the action counts as failed and the
+	// saga compensates (this step too, since it may have run). For an HTTP
+	// step it caps the calls of the action: transient failures (a network
+	// error, 408, 425, 429, 5xx) are retried with the timer scheduler's
+	// backoff until then. Compensations are not capped by it: see
+	// CompensationTimeout. Default 3.
 	MaxAttempts int
+	// CompensationTimeout is how long the compensation may go unanswered
+	// before the saga parks for an operator. A compensation must succeed
+	// in the end, and a participant, broker or database down for a while
+	// is no reason to wake anyone, so until then it is sent again: over
+	// the broker at each of its deadlines, which wait Deadline, then twice
+	// as long each time, up to a minute (or Deadline, if longer); over
+	// HTTP its calls are retried after transient failures with the timer
+	// scheduler's backoff. A compensation refused (a Failure reply, an
+	// HTTP refusal, a local compensation's error) parks the saga at once.
+	// Default DefaultCompensationTimeout (10 min).
+	CompensationTimeout time.Duration
 
 	// Parallel makes the step a group of branches that run at once (fork)
 	// and complete together (join). A group has two or more branches, each
@@ -135,23 +150,62 @@ type definition struct {
 }
 
 type step struct {
-	name            string
-	local           func(ctx context.Context, tx sqldb.Tx, id string, data []byte) ([]byte, error)
-	undoLocal       func(ctx context.Context, tx sqldb.Tx, id string, data []byte) ([]byte, error)
-	topic           string
-	command         string
-	url             string
-	compensationURL string
-	input           func(data []byte) (any, error)
-	onReply         func(data []byte, r *ReplyMsg) ([]byte, error)
-	deadline        time.Duration
-	maxAttempts     int
-	branches        []step // a parallel group's
+	name                string
+	local               func(ctx context.Context, tx sqldb.Tx, id string, data []byte) ([]byte, error)
+	undoLocal           func(ctx context.Context, tx sqldb.Tx, id string, data []byte) ([]byte, error)
+	topic               string
+	command             string
+	url                 string
+	compensationURL     string
+	input               func(data []byte) (any, error)
+	onReply             func(data []byte, r *ReplyMsg) ([]byte, error)
+	deadline            time.Duration
+	maxAttempts         int
+	compensationTimeout time.Duration
+	branches            []step // a parallel group's
 }
 
 func (s step) isLocal() bool { return s.local != nil }
 func (s step) isHTTP() bool  { return s.url != "" }
 func (s step) isGroup() bool { return len(s.branches) > 0 }
+
+// maxCompensationWait caps how long one send of a compensation's command
+// is awaited, unless the step's Deadline is longer.
+const maxCompensationWait = time.Minute
+
+// wait returns how long the n-th send (from 0) of a round of sends of side
+// op is awaited, and, for a compensation, how long the round has then been
+// awaited in all (an action's sends are counted instead: total is 0).
+//
+// Each send of an action is awaited Deadline. An HTTP compensation is one
+// send, whose calls the scheduler retries, awaited CompensationTimeout. A
+// compensation's command is awaited Deadline, then twice as long at each
+// send, up to max(Deadline, maxCompensationWait), the last wait cut so
+// that the total is CompensationTimeout; past it, wait is 0.
+func (s step) wait(op Op, n int) (wait, total time.Duration) {
+	switch {
+	case op == Action:
+		return s.deadline, 0
+	case s.isHTTP():
+		return s.compensationTimeout, s.compensationTimeout
+	}
+	w, ceiling := s.deadline, max(s.deadline, maxCompensationWait)
+	for i := 0; ; i++ {
+		wait = min(w, s.compensationTimeout-total)
+		if wait <= 0 {
+			return 0, total
+		}
+		total += wait
+		if i == n {
+			return wait, total
+		}
+		if w > ceiling/2 {
+			w = ceiling
+		} else {
+			w *= 2
+		}
+	}
+}
 
 // urlFor returns the URL an HTTP step's side is POSTed to.
 func (s step) urlFor(op Op) string {
@@ -210,7 +264,7 @@ func (def *Definition[D]) erase() (*definition, error) {
 		errs = append(errs, serrs...)
 		if len(s.Parallel) > 0 {
 			if s.Local != nil || s.UndoLocal != nil || s.Topic != "" || s.Command != "" || s.URL != "" || s.CompensationURL != "" ||
-				s.Input != nil || s.OnReply != nil || s.Deadline != 0 || s.MaxAttempts != 0 {
+				s.Input != nil || s.OnReply != nil || s.Deadline != 0 || s.MaxAttempts != 0 || s.CompensationTimeout != 0 {
 				errs = append(errs, fmt.Errorf("group %q has a transport or settings of its own: set them on its branches", s.Name))
 			}
 			if len(s.Parallel) < 2 {
@@ -258,15 +312,18 @@ func eraseStep[D any](s Step[D], what string, seen map[string]bool) (step, []err
 	}
 	seen[s.Name] = true
 	st := step{name: s.Name, topic: s.Topic, command: s.Command, url: s.URL, compensationURL: s.CompensationURL,
-		deadline: s.Deadline, maxAttempts: s.MaxAttempts}
+		deadline: s.Deadline, maxAttempts: s.MaxAttempts, compensationTimeout: s.CompensationTimeout}
 	if st.deadline == 0 {
 		st.deadline = DefaultDeadline
 	}
 	if st.maxAttempts == 0 {
 		st.maxAttempts = DefaultMaxAttempts
 	}
-	if s.Deadline < 0 || s.MaxAttempts < 0 {
-		errs = append(errs, fmt.Errorf("step %q: negative Deadline or MaxAttempts", s.Name))
+	if st.compensationTimeout == 0 {
+		st.compensationTimeout = DefaultCompensationTimeout
+	}
+	if s.Deadline < 0 || s.MaxAttempts < 0 || s.CompensationTimeout < 0 {
+		errs = append(errs, fmt.Errorf("step %q: negative Deadline, MaxAttempts or CompensationTimeout", s.Name))
 	}
 	if len(s.Parallel) > 0 {
 		return st, errs // a group: its caller checks the rest

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/troupedev/troupe/inbox"
 	"github.com/troupedev/troupe/internal/pgtest"
@@ -67,6 +68,8 @@ func TestRegister_RefusesADefinitionThatCannotRun(t *testing.T) {
 		"both kinds":       {&saga.Definition[struct{}]{Name: "s", Steps: []saga.Step[struct{}]{{Name: "a", Local: noop, Topic: "t", Command: "c"}}}, "both local and a command"},
 		"neither kind":     {&saga.Definition[struct{}]{Name: "s", Steps: []saga.Step[struct{}]{{Name: "a"}}}, "neither"},
 		"topic no command": {&saga.Definition[struct{}]{Name: "s", Steps: []saga.Step[struct{}]{{Name: "a", Topic: "t"}}}, "both Topic and Command"},
+		"negative compensation timeout": {&saga.Definition[struct{}]{Name: "s", Steps: []saga.Step[struct{}]{{Name: "a", Topic: "t", Command: "c", CompensationTimeout: -time.Second}}},
+			"negative Deadline, MaxAttempts or CompensationTimeout"},
 	}
 	for name, c := range cases {
 		err := o.Register(c.def)

@@ -21,11 +21,20 @@
 // compensates the completed steps in reverse order. A command unanswered
 // by its deadline is sent again (a new message for the same barrier key,
 // so it has no second effect); after MaxAttempts the action counts as
-// failed and its own step is compensated too, since it may have run. A
-// compensation that is refused, never answered, or (for a local step)
-// fails parks the saga with the reason for an operator, who lists parked
-// sagas (List), reads their history (History), and retries (RetryTx) or
-// aborts (AbortTx) them.
+// failed and its own step is compensated too, since it may have run.
+//
+// A compensation must succeed in the end: a participant, the broker or a
+// database down for a while is no reason to give up on it, nor to wake an
+// operator. So a compensation unanswered is sent again for as long as the
+// step's CompensationTimeout (default 10 minutes): over the broker at each
+// of its deadlines, each wait twice the last (Deadline, 2×Deadline,
+// 4×Deadline..., up to a minute, or Deadline if longer); over HTTP after
+// the scheduler's backoff (see Steps over HTTP). A compensation that is
+// refused (a Failure reply, an HTTP refusal) or, for a local step, fails,
+// or one still unanswered when its CompensationTimeout has passed, parks
+// the saga with the reason for an operator, who lists parked sagas (List),
+// reads their history (History), and retries (RetryTx, which gives the
+// compensation a new CompensationTimeout) or aborts (AbortTx) them.
 //
 // # Wiring a service
 //
@@ -102,10 +111,11 @@
 // or 422 is a business refusal, its body the reason; any other 4xx (and a
 // 3xx, which is not followed) is a refusal too. A network error, 408, 425,
 // 429 and 5xx are transient: the call is made again after the scheduler's
-// backoff (or the response's Retry-After), up to MaxAttempts calls and
-// within Deadline; after that, an action counts as failed (the saga
-// compensates it too, since it may have run) and a compensation parks the
-// saga.
+// backoff (or the response's Retry-After). An action is called up to
+// MaxAttempts times within Deadline; after that it counts as failed (the
+// saga compensates it too, since it may have run). A compensation is
+// called for as long as its CompensationTimeout, however many calls that
+// takes, and only then parks the saga; a refusal parks it at once.
 //
 // No call runs inside a database transaction, yet its outcome is applied
 // exactly once: the transition that sends a step stores the call as an

@@ -95,7 +95,7 @@ func (o *Orchestrator) fork(ctx context.Context, tx sqldb.Tx, in *instance, g st
 		if b.isLocal() {
 			continue
 		}
-		if err := o.sendMember(ctx, tx, in, b, true, Action, 1); err != nil {
+		if err := o.sendMember(ctx, tx, in, b, true, Action, 1, 1); err != nil {
 			return err
 		}
 		in.branches[b.name] = &branchState{Status: branchSent, Attempt: 1}
@@ -157,7 +157,9 @@ func (o *Orchestrator) undoGroup(ctx context.Context, tx sqldb.Tx, in *instance,
 			bs.Status = branchUndone
 			continue
 		}
-		if err := o.sendMember(ctx, tx, in, b, true, Compensation, bs.Attempt+1); err != nil {
+		// The first send of the branch's compensation, or the first
+		// after an operator's RetryTx: its waits start anew.
+		if err := o.sendMember(ctx, tx, in, b, true, Compensation, bs.Attempt+1, bs.Attempt+1); err != nil {
 			return false, err
 		}
 		bs.Status, bs.Attempt = branchUndoing, bs.Attempt+1

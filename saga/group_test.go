@@ -283,6 +283,7 @@ func TestRegister_RefusesAGroupThatCannotRun(t *testing.T) {
 		"bad URL":                 {[]saga.Step[tripData]{{Name: "h", URL: "ftp://x/y"}}, "http or https"},
 		"compensation URL alone":  {[]saga.Step[tripData]{{Name: "h", CompensationURL: "http://x/y"}}, "no URL"},
 		"HTTP and command":        {[]saga.Step[tripData]{{Name: "h", URL: "http://x/y", Topic: "t", Command: "c"}}, "both a command and an HTTP step"},
+		"own patience":            {[]saga.Step[tripData]{{Name: "g", CompensationTimeout: time.Minute, Parallel: []saga.Step[tripData]{local, cmd}}}, "of its own"},
 	}
 	for name, c := range cases {
 		err := o.Register(&saga.Definition[tripData]{Name: "trip", Steps: c.steps})

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net/http"
 	"strconv"
 	"strings"
@@ -57,12 +58,24 @@ func (o *Orchestrator) callHTTP(ctx context.Context, tx sqldb.Tx, in *instance, 
 	h.Set(HeaderStep, m.name)
 	h.Set(HeaderOp, op.String())
 	h.Set(HeaderSource, o.cfg.Source)
+	// An action's calls are capped by MaxAttempts (and its deadline). A
+	// compensation's are bounded by time alone: its deadline, set
+	// CompensationTimeout after this send, cancels the task and parks the
+	// saga. How many calls fit in that time depends on the scheduler's
+	// Backoff and on the participant's Retry-After, neither known here (a
+	// Backoff of 0 fits any number), so the task's own cap is put out of
+	// reach rather than guessed: the task never gives up before the
+	// deadline, and a refusal (4xx) still ends it at once.
+	maxAttempts := m.maxAttempts
+	if op == Compensation {
+		maxAttempts = math.MaxInt32
+	}
 	task := timer.HTTPTask{
 		ID:          httpTaskID(in.id, m.name, op),
 		URL:         m.urlFor(op),
 		Header:      h,
 		Body:        body,
-		MaxAttempts: m.maxAttempts,
+		MaxAttempts: maxAttempts,
 		OnDone:      HTTPDoneHandler,
 		Meta:        map[string]string{ExtSagaID: in.id, ExtStep: m.name, ExtOp: op.String(), extAttempt: strconv.Itoa(attempt)},
 	}

@@ -31,13 +31,15 @@ func TestOrchestrator_CompensationOfALateRefusedActionReleasesNothing(t *testing
 	}
 }
 
-// The participant was down past every deadline of the compensation: the
-// saga parks. It comes back and compensates (the saga, parked, ignores the
-// answer); the operator retries: the saga must end compensated.
+// The participant was down past the compensation's CompensationTimeout:
+// the saga parks. It comes back and compensates (the saga, parked, ignores
+// the answer); the operator retries: the saga must end compensated.
 func TestOrchestrator_AnOperatorRetryAfterALateCompensationEnds(t *testing.T) {
 	for _, kind := range dialects {
 		t.Run(kind, func(t *testing.T) {
-			s := newShop(t, kind)
+			// Two sends of a minute each (Deadline is a minute, and so is
+			// the cap of a compensation's wait), then the saga parks.
+			s := newShop(t, kind, compensationTimeout("reserve-credit", 2*time.Minute))
 			s.placeOrder(orderData{OrderID: "r2", Customer: "alice", Total: 20})
 			waitHistory(t, s, "r2", "reserve-credit action 1 sent")
 			s.clock.Advance(time.Minute)

@@ -63,6 +63,11 @@ const deadlineType = "dev.troupe.saga.deadline"
 // extAttempt carries a deadline's attempt number.
 const extAttempt = "sagaattempt"
 
+// extFirstAttempt carries, on a compensation's deadline, the attempt that
+// began its sends: the first, or the first after an operator's RetryTx.
+// The waits of the compensation's deadlines are counted from it.
+const extFirstAttempt = "sagafirstattempt"
+
 // Errors callers test with errors.Is.
 var (
 	// ErrUnknownSaga is returned for a saga name and version no definition
@@ -368,6 +373,8 @@ func (o *Orchestrator) advance(ctx context.Context, tx sqldb.Tx, def *definition
 				continue
 			}
 			if !st.isLocal() {
+				// The first send of the compensation, or the first after
+				// an operator's RetryTx: its waits start anew.
 				return o.send(ctx, tx, in, st, Compensation, in.attempt+1)
 			}
 			if ok, err := o.undoLocal(ctx, tx, in, st); err != nil || !ok {
@@ -460,10 +467,10 @@ func deadlineOf(in *instance, m step, inGroup bool, op Op, attempt int) string {
 	return deadlineID(in.id, in.step, op, attempt)
 }
 
-// send sends side op of the current step st (attempt n) and saves the saga
-// awaiting its reply.
+// send sends side op of the current step st, as attempt and the first of
+// a round of sends, and saves the saga awaiting its reply.
 func (o *Orchestrator) send(ctx context.Context, tx sqldb.Tx, in *instance, st step, op Op, attempt int) error {
-	if err := o.sendMember(ctx, tx, in, st, false, op, attempt); err != nil {
+	if err := o.sendMember(ctx, tx, in, st, false, op, attempt, attempt); err != nil {
 		return err
 	}
 	in.awaiting, in.attempt = op.String(), attempt
@@ -473,7 +480,10 @@ func (o *Orchestrator) send(ctx context.Context, tx sqldb.Tx, in *instance, st s
 // sendMember sends side op of m, the current step or a branch (inGroup) of
 // the current group: its command into the outbox, or its HTTP call as a
 // timer task; then it schedules the deadline and records the sending.
-func (o *Orchestrator) sendMember(ctx context.Context, tx sqldb.Tx, in *instance, m step, inGroup bool, op Op, attempt int) error {
+// first is the attempt that began this round of sends (the first, or the
+// first after an operator's RetryTx), from which a compensation's waits
+// are counted.
+func (o *Orchestrator) sendMember(ctx context.Context, tx sqldb.Tx, in *instance, m step, inGroup bool, op Op, attempt, first int) error {
 	input, err := m.input(in.data)
 	if err != nil {
 		return err
@@ -497,7 +507,11 @@ func (o *Orchestrator) sendMember(ctx context.Context, tx sqldb.Tx, in *instance
 	dl.ID = deadlineOf(in, m, inGroup, op, attempt)
 	dl.Subject, dl.CorrelationID = in.id, in.id
 	dl.Extensions = map[string]string{ExtSagaID: in.id, ExtStep: m.name, ExtOp: op.String(), extAttempt: strconv.Itoa(attempt)}
-	if err := o.sched.ScheduleTx(ctx, tx, o.cfg.Now().Add(m.deadline), timer.ToHandler(DeadlineHandler), dl); err != nil && !errors.Is(err, timer.ErrExists) {
+	if op == Compensation {
+		dl.Extensions[extFirstAttempt] = strconv.Itoa(first)
+	}
+	wait, _ := m.wait(op, attempt-first)
+	if err := o.sched.ScheduleTx(ctx, tx, o.cfg.Now().Add(wait), timer.ToHandler(DeadlineHandler), dl); err != nil && !errors.Is(err, timer.ErrExists) {
 		return err
 	}
 	o.record(in, m.name, op.String(), attempt, "sent", detail)
@@ -709,12 +723,18 @@ func (o *Orchestrator) onDeadline(ctx context.Context, tx sqldb.Tx, f *timer.Fir
 // deadline handles a deadline: the command is sent again, or, after the
 // last attempt (an HTTP step's first deadline is its last: its calls were
 // retried meanwhile), the action counts as failed (compensate) or the
-// compensation parks the saga.
+// compensation parks the saga. An action's last attempt is its
+// MaxAttempts-th; a compensation's is the one whose deadline brings the
+// time waited since the round's first send to its CompensationTimeout.
 func (o *Orchestrator) deadline(ctx context.Context, tx sqldb.Tx, f *timer.Fired) error {
 	m := f.Msg
 	id, stepName := m.Extensions[ExtSagaID], m.Extensions[ExtStep]
 	op, _ := parseOp(m.Extensions[ExtOp])
 	attempt, _ := strconv.Atoi(m.Extensions[extAttempt])
+	first, err := strconv.Atoi(m.Extensions[extFirstAttempt])
+	if err != nil || first < 1 || first > attempt {
+		first = attempt // a deadline that does not say: its waits start anew
+	}
 	in, err := o.load(ctx, tx, id)
 	if errors.Is(err, sqldb.ErrNoRows) {
 		return nil
@@ -730,9 +750,14 @@ func (o *Orchestrator) deadline(ctx context.Context, tx sqldb.Tx, f *timer.Fired
 	if !ok || current != attempt {
 		return nil // answered meanwhile
 	}
-	o.record(in, st.name, op.String(), attempt, "deadline", st.deadline.String())
-	if !st.isHTTP() && attempt < st.maxAttempts {
-		if err := o.sendMember(ctx, tx, in, st, bs != nil, op, attempt+1); err != nil {
+	wait, waited := st.wait(op, attempt-first)
+	o.record(in, st.name, op.String(), attempt, "deadline", wait.String())
+	again := attempt < st.maxAttempts
+	if op == Compensation {
+		again = waited < st.compensationTimeout
+	}
+	if !st.isHTTP() && again {
+		if err := o.sendMember(ctx, tx, in, st, bs != nil, op, attempt+1, first); err != nil {
 			return err
 		}
 		if bs != nil {
@@ -742,9 +767,16 @@ func (o *Orchestrator) deadline(ctx context.Context, tx sqldb.Tx, f *timer.Fired
 		}
 		return o.save(ctx, tx, in)
 	}
-	reason := fmt.Sprintf("step %q: no reply to the %s after %d attempts", st.name, op, attempt)
-	if st.isHTTP() {
+	var reason string
+	switch {
+	case st.isHTTP() && op == Compensation:
+		reason = fmt.Sprintf("step %q: no answer to the compensation within %v", st.name, waited)
+	case st.isHTTP():
 		reason = fmt.Sprintf("step %q: no answer to the %s within its deadline (%v)", st.name, op, st.deadline)
+	case op == Compensation:
+		reason = fmt.Sprintf("step %q: no reply to the compensation within %v (%d attempts)", st.name, waited, attempt-first+1)
+	default:
+		reason = fmt.Sprintf("step %q: no reply to the %s after %d attempts", st.name, op, attempt)
 	}
 	return o.conclude(ctx, tx, def, in, st, bs, op, attempt, verdict{kind: lost, reason: reason, atDeadline: true})
 }

@@ -46,7 +46,9 @@ type shop struct {
 	stopCust func()
 }
 
-func newShop(t *testing.T, kind string) *shop {
+// newShop returns a shop on a database of kind; each tweak changes the
+// saga's definition before it is registered.
+func newShop(t *testing.T, kind string, tweaks ...func(*saga.Definition[orderData])) *shop {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
@@ -126,6 +128,9 @@ func newShop(t *testing.T, kind string) *shop {
 			_, err := tx.Exec(ctx, `UPDATE orders SET state = 'REJECTED', reason = $1 WHERE id = $2`, reason, d.OrderID)
 			return err
 		},
+	}
+	for _, tweak := range tweaks {
+		tweak(s.def)
 	}
 	if err := s.o.Register(s.def); err != nil {
 		t.Fatal(err)

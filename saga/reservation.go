@@ -27,9 +27,11 @@ import (
 //
 // Each phase's step for a resource is compensated by a Cancel of its
 // reservation, so a failed saga sends a reservation up to two Cancels
-// (its Confirm's, then its Try's); a participant cancels once. When a
-// Cancel cannot reach a participant, the participant's expiry still
-// releases a resource held and not confirmed.
+// (its Confirm's, then its Try's); a participant cancels once. A Cancel
+// unanswered is sent (or called) again for DefaultCompensationTimeout, as
+// any compensation (see Step.CompensationTimeout), before the saga parks
+// for an operator; meanwhile, the participant's expiry still releases a
+// resource held and not confirmed.
 //
 // # Expiry, deadlines and attempts
 //
