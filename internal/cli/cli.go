@@ -17,6 +17,7 @@ import (
 
 	"github.com/troupedev/troupe/examples/shop/order"
 	"github.com/troupedev/troupe/internal/bench"
+	"github.com/troupedev/troupe/internal/chaos"
 	"github.com/troupedev/troupe/internal/demo"
 )
 
@@ -26,6 +27,8 @@ Usage:
   troupe demo [flags]          run the demo on embedded defaults (SQLite, embedded NATS JetStream): the online shop
   troupe demo delivery [flags] run the food-delivery demo: expiring reservations of packets and agents
   troupe bench [NAME] [flags]  run a benchmark; without NAME, list them
+  troupe chaos [flags]         run the examples as separate processes, kill and restart them, the broker and
+                               PostgreSQL on a seeded schedule, then check the invariants; last line "violations: N"
   troupe version               print the version
 
 Run "troupe COMMAND -h" for a command's flags.
@@ -44,6 +47,8 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = runDemo(ctx, args[1:], stdout, stderr)
 	case "bench":
 		err = runBench(ctx, args[1:], stdout, stderr)
+	case "chaos":
+		err = runChaos(ctx, args[1:], stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "troupe", version())
 	case "help", "-h", "--help":
@@ -203,4 +208,50 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	bench.WriteTable(stdout, res)
 	return nil
+}
+
+// errViolations is the error of a chaos run that found violations: the
+// report has said what they are.
+var errViolations = errors.New("invariants violated")
+
+func runChaos(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) > 0 && args[0] == "node" {
+		return chaos.RunNode(ctx, args[1:], stdout, stderr)
+	}
+	fs := flag.NewFlagSet("troupe chaos", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var cfg chaos.Config
+	fs.DurationVar(&cfg.Duration, "duration", 2*time.Minute, "how long the workload runs while faults are injected")
+	fs.Uint64Var(&cfg.Seed, "seed", 0, "seed of the workload and the fault schedule (default: from the clock; the report prints it)")
+	examples := fs.String("examples", "shop,delivery", "examples to run: shop, delivery, or both")
+	fs.IntVar(&cfg.Clients, "clients", 6, "clients placing orders at once, per example")
+	fs.DurationVar(&cfg.FaultEvery, "fault-every", 3*time.Second, "mean time between two process faults")
+	fs.Float64Var(&cfg.Duplicate, "duplicate", 0.05, "share of messages each service's broker publishes twice")
+	fs.Float64Var(&cfg.FailRate, "fail-rate", 0.03, "share of deliveries and calls the services fail on purpose, once")
+	fs.StringVar(&cfg.Dir, "dir", "", "directory for the processes' logs and the broker's files (default: a temporary one, kept only when violations are found)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
+	}
+	cfg.Examples = strings.Split(*examples, ",")
+	cfg.Progress = stdout
+	fmt.Fprintf(stdout, "troupe chaos: %v of orders while processes are killed; seed %s\n", cfg.Duration, seedText(cfg.Seed))
+	rep, err := chaos.Run(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	rep.Write(stdout)
+	if len(rep.Violations) > 0 {
+		return fmt.Errorf("%w: %d (seed %d)", errViolations, len(rep.Violations), rep.Seed)
+	}
+	return nil
+}
+
+func seedText(seed uint64) string {
+	if seed == 0 {
+		return "from the clock"
+	}
+	return fmt.Sprint(seed)
 }

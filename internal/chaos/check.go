@@ -1,0 +1,149 @@
+package chaos
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/troupedev/troupe/examples/delivery"
+	"github.com/troupedev/troupe/examples/shop"
+)
+
+// isLiveness tells whether an invariant holds only once the system has
+// quiesced: whatever was in flight has ended, been delivered or expired.
+// The others (credit reserved equals approved totals, nothing assigned
+// twice...) must hold at quiescence too, but no waiting makes a broken one
+// hold.
+func isLiveness(inv string) bool {
+	return slices.Contains([]string{
+		shop.InvEveryOrderEnded, shop.InvEverySagaEnded, shop.InvEveryFlowEnded, shop.InvOutboxDelivered,
+		delivery.InvEveryOrderEnded, delivery.InvEverySagaEnded, delivery.InvNothingHeld, delivery.InvOutboxDelivered,
+	}, inv)
+}
+
+// quiesce waits until the liveness invariants hold, and returns those
+// that still do not when ctx ends.
+func (r *run) quiesce(ctx context.Context) ([]string, error) {
+	var last []string
+	var lastErr error
+	for {
+		vs, err := r.check(ctx, true)
+		if err == nil && len(vs) == 0 {
+			return nil, nil
+		}
+		if err == nil {
+			last, lastErr = vs, nil
+		} else if last == nil {
+			lastErr = err
+		}
+		if !wait(ctx, 500*time.Millisecond) {
+			if lastErr != nil {
+				return nil, fmt.Errorf("chaos: check the databases: %w", lastErr)
+			}
+			for i, v := range last {
+				last[i] = "not quiescent: " + v
+			}
+			return append(last, r.unfinished(context.WithoutCancel(ctx))...), nil
+		}
+	}
+}
+
+// check reads the services' databases and returns the broken invariants:
+// the liveness ones only, or the others.
+func (r *run) check(ctx context.Context, live bool) ([]string, error) {
+	var out []string
+	keep := func(inv, s string) {
+		if isLiveness(inv) == live {
+			out = append(out, s)
+		}
+	}
+	for _, e := range r.cfg.Examples {
+		switch e {
+		case Shop:
+			vs, err := shop.CheckDatabases(ctx, r.db(RoleShopOrder), r.db(RoleShopCustomer))
+			if err != nil {
+				return nil, err
+			}
+			for _, v := range vs {
+				keep(v.Invariant, "shop: "+v.String())
+			}
+		case Delivery:
+			vs, err := delivery.CheckDatabases(ctx, r.db(RoleDeliveryOrder), r.db(RoleDeliveryStore), r.db(RoleDeliveryDispatch))
+			if err != nil {
+				return nil, err
+			}
+			for _, v := range vs {
+				keep(v.Invariant, "delivery: "+v.String())
+			}
+		}
+	}
+	return out, nil
+}
+
+// count reads how many orders ended how and how many sagas ran, by
+// example.
+func (r *run) count(ctx context.Context) (map[string]Counts, error) {
+	out := map[string]Counts{}
+	for _, e := range r.cfg.Examples {
+		orderDB, table := r.db(RoleShopOrder), "shop_orders"
+		if e == Delivery {
+			orderDB, table = r.db(RoleDeliveryOrder), "delivery_orders"
+		}
+		c := Counts{Orders: map[string]int{}, Sagas: map[string]int{}}
+		for _, q := range []struct {
+			sql string
+			m   map[string]int
+		}{
+			{`SELECT state, count(*) FROM ` + table + ` GROUP BY state`, c.Orders},
+			{`SELECT status, count(*) FROM troupe_sagas GROUP BY status`, c.Sagas},
+		} {
+			rows, err := orderDB.Query(ctx, q.sql)
+			if err != nil {
+				return nil, fmt.Errorf("chaos: count %s: %w", e, err)
+			}
+			for rows.Next() {
+				var k string
+				var n int
+				if err := rows.Scan(&k, &n); err != nil {
+					rows.Close()
+					return nil, err
+				}
+				q.m[k] = n
+			}
+			if err := rows.Close(); err != nil {
+				return nil, err
+			}
+		}
+		out[e] = c
+	}
+	return out, nil
+}
+
+// unfinished describes a few sagas that have not ended, with why, to
+// start the search for the cause of a run that did not quiesce.
+func (r *run) unfinished(ctx context.Context) []string {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	var out []string
+	for _, role := range []string{RoleShopOrder, RoleDeliveryOrder} {
+		db := r.db(role)
+		if db == nil {
+			continue
+		}
+		rows, err := db.Query(ctx, `SELECT id, status, step, awaiting, attempt, reason FROM troupe_sagas
+			WHERE status NOT IN ('completed', 'compensated') ORDER BY updated_at LIMIT 3`)
+		if err != nil {
+			continue
+		}
+		for rows.Next() {
+			var id, status, awaiting, reason string
+			var step, attempt int
+			if rows.Scan(&id, &status, &step, &awaiting, &attempt, &reason) == nil {
+				out = append(out, fmt.Sprintf("  (%s: saga %s is %s at step %d, awaiting %q attempt %d: %s)", role, id, status, step, awaiting, attempt, reason))
+			}
+		}
+		rows.Close()
+	}
+	return out
+}
