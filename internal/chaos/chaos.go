@@ -188,8 +188,8 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	if err := r.startDatabases(runCtx); err != nil {
 		return nil, err
 	}
-	rep.Setup = fmt.Sprintf("PostgreSQL %s (fsync on), one database per service; NATS JetStream in its own process; each service its own process",
-		r.pg.URL(""))
+	rep.Setup = fmt.Sprintf("PostgreSQL on 127.0.0.1:%d (fsync on), one database per service; NATS JetStream in a process of its own; each service a process of its own",
+		r.pg.Port())
 	if err := r.startProcesses(runCtx, &supervisors); err != nil {
 		return nil, err
 	}
@@ -231,6 +231,11 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		return nil, err
 	}
 	rep.Violations = append(rep.Violations, safety...)
+	lost, err := r.checkAcknowledged(runCtx)
+	if err != nil {
+		return nil, err
+	}
+	rep.Violations = append(rep.Violations, lost...)
 	if rep.Counts, err = r.count(runCtx); err != nil {
 		return nil, err
 	}

@@ -147,3 +147,50 @@ func (r *run) unfinished(ctx context.Context) []string {
 	}
 	return out
 }
+
+// InvAcknowledgedKept is the harness's own invariant: an order a service
+// answered 201 to was committed, so it is in the database after any crash.
+const InvAcknowledgedKept = "every order acknowledged to a client exists"
+
+// checkAcknowledged returns a violation for each example with orders its
+// clients were told were taken but that its Order database does not hold.
+func (r *run) checkAcknowledged(ctx context.Context) ([]string, error) {
+	var out []string
+	for _, e := range r.cfg.Examples {
+		db, table := r.db(RoleShopOrder), "shop_orders"
+		if e == Delivery {
+			db, table = r.db(RoleDeliveryOrder), "delivery_orders"
+		}
+		have := map[string]bool{}
+		rows, err := db.Query(ctx, `SELECT id FROM `+table)
+		if err != nil {
+			return nil, err
+		}
+		for rows.Next() {
+			var id string
+			if err := rows.Scan(&id); err != nil {
+				rows.Close()
+				return nil, err
+			}
+			have[id] = true
+		}
+		if err := rows.Close(); err != nil {
+			return nil, err
+		}
+		var missing []string
+		for _, c := range r.clients {
+			if c.example != e {
+				continue
+			}
+			for _, id := range c.taken() {
+				if !have[id] {
+					missing = append(missing, id)
+				}
+			}
+		}
+		if len(missing) > 0 {
+			out = append(out, fmt.Sprintf("%s: %s: %d orders answered 201 are not in the database (first: %s)", e, InvAcknowledgedKept, len(missing), missing[0]))
+		}
+	}
+	return out, nil
+}

@@ -45,8 +45,9 @@ type client struct {
 	rng     *rand.Rand
 	http    *http.Client
 
-	mu sync.Mutex
-	st ClientStats
+	mu    sync.Mutex
+	st    ClientStats
+	acked []string // ids of the orders answered 201
 }
 
 func newClient(example string, urls map[string]string, rng *rand.Rand) *client {
@@ -61,6 +62,13 @@ func (c *client) stats() ClientStats {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.st
+}
+
+// taken returns the ids of the orders the service answered 201 to.
+func (c *client) taken() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]string(nil), c.acked...)
 }
 
 func (c *client) count(f func(*ClientStats)) {
@@ -80,7 +88,10 @@ func (c *client) run(ctx context.Context) {
 			}
 			continue
 		}
-		c.count(func(s *ClientStats) { s.Taken++ })
+		c.mu.Lock()
+		c.st.Taken++
+		c.acked = append(c.acked, id)
+		c.mu.Unlock()
 		if cancelIt {
 			// Best effort: refused (409) once the order has ended.
 			c.post(ctx, c.base+"/orders/"+id+"/cancel", nil)

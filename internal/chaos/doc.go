@@ -20,7 +20,8 @@
 // been confirmed, then checks the examples' invariants from the databases'
 // contents (shop.CheckDatabases, delivery.CheckDatabases): credit reserved
 // equals approved totals, each placed order holds exactly its packets and
-// one agent, nothing assigned twice, nothing left held. The Report counts
+// one agent, nothing assigned twice, nothing left held, and every order a
+// client was answered 201 for is in its database. The Report counts
 // the sagas and the faults by kind and lists the violations, which must be
 // none; its last line is "violations: N".
 //

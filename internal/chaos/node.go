@@ -178,7 +178,7 @@ func RunNode(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
-	svc, failed, err := startService(ctx, cfg, db, fb, log)
+	svc, failed, loop, err := startService(ctx, cfg, db, fb, log)
 	if err != nil {
 		return err
 	}
@@ -187,6 +187,13 @@ func RunNode(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		defer cancel()
 		svc.Stop(sctx)
 	}()
+	if loop != nil {
+		lctx, stopLoop := context.WithCancel(ctx)
+		var loops sync.WaitGroup
+		loops.Go(func() { loop(lctx) })
+		defer loops.Wait() // before the service stops
+		defer stopLoop()
+	}
 
 	ln, err := net.Listen("tcp", cfg.addr)
 	if err != nil {
@@ -223,85 +230,85 @@ func RunNode(ctx context.Context, args []string, stdout, stderr io.Writer) error
 
 // startService migrates the role's database and starts its service, with
 // what the run seeds on first start. failed counts the service's own
-// injected failures.
-func startService(ctx context.Context, cfg nodeConfig, db *sqldb.DB, b *faulty.Broker, log *slog.Logger) (svc service, failed func() int, err error) {
+// injected failures; loop, when not nil, is work to run beside the service
+// until ctx ends.
+func startService(ctx context.Context, cfg nodeConfig, db *sqldb.DB, b *faulty.Broker, log *slog.Logger) (svc service, failed func() int, loop func(context.Context), err error) {
 	backoff := retry.Exponential{Min: 20 * time.Millisecond, Max: 500 * time.Millisecond}
 	none := func() int { return 0 }
 	switch cfg.role {
 	case RoleShopOrder:
 		if err := sorder.Migrate(ctx, db); err != nil {
-			return nil, nil, err
+			return nil, nil, nil, err
 		}
 		s, err := sorder.New(db, b, sorder.Config{Mode: sorder.Orchestrated, Logger: log})
 		if err != nil {
-			return nil, nil, err
+			return nil, nil, nil, err
 		}
-		return s, none, s.Start(ctx)
+		return s, none, nil, s.Start(ctx)
 	case RoleShopCustomer:
 		if err := customer.Migrate(ctx, db); err != nil {
-			return nil, nil, err
+			return nil, nil, nil, err
 		}
 		s, err := customer.New(db, b, customer.Config{Logger: log, FailRate: cfg.failRate, Seed: cfg.seed, Backoff: backoff.Delay})
 		if err != nil {
-			return nil, nil, err
+			return nil, nil, nil, err
 		}
 		if err := s.Start(ctx); err != nil {
-			return nil, nil, err
+			return nil, nil, nil, err
 		}
 		if cs, err := s.List(ctx); err != nil || len(cs) > 0 {
-			return s, s.Injected, err
+			return s, s.Injected, nil, err
 		}
 		for i := range cfg.customers {
 			c := customer.Customer{ID: customerID(i), Name: fmt.Sprintf("Customer %d", i), CreditLimit: customerLimit(i)}
 			if err := s.Create(ctx, c); err != nil {
-				return s, s.Injected, err
+				return s, s.Injected, nil, err
 			}
 		}
-		return s, s.Injected, nil
+		return s, s.Injected, nil, nil
 	case RoleDeliveryOrder:
 		if err := dorder.Migrate(ctx, db); err != nil {
-			return nil, nil, err
+			return nil, nil, nil, err
 		}
 		s, err := dorder.New(db, b, dorder.Config{Logger: log, Menu: dorder.HTTPMenu(cfg.storeURL, nil), DeliveryURL: cfg.deliveryURL,
 			Expiry: deliveryExpiry, Deadline: deliveryDeadline, Backoff: backoff.Delay})
 		if err != nil {
-			return nil, nil, err
+			return nil, nil, nil, err
 		}
-		return s, none, s.Start(ctx)
+		return s, none, nil, s.Start(ctx)
 	case RoleDeliveryStore:
 		if err := store.Migrate(ctx, db); err != nil {
-			return nil, nil, err
+			return nil, nil, nil, err
 		}
 		s, err := store.New(db, b, store.Config{Logger: log, FailConfirms: cfg.failRate, Seed: cfg.seed, Backoff: backoff.Delay})
 		if err != nil {
-			return nil, nil, err
+			return nil, nil, nil, err
 		}
 		if err := s.Start(ctx); err != nil {
-			return nil, nil, err
+			return nil, nil, nil, err
 		}
-		go restock(ctx, s, log)
-		return s, s.Injected, nil
+		return s, s.Injected, func(ctx context.Context) { restock(ctx, s, log) }, nil
 	case RoleDeliveryDispatch:
 		if err := dispatch.Migrate(ctx, db); err != nil {
-			return nil, nil, err
+			return nil, nil, nil, err
 		}
 		s, err := dispatch.New(db, b, dispatch.Config{Logger: log, DeliverAfter: cfg.deliverAfter, Unavailable: cfg.failRate, Seed: cfg.seed})
 		if err != nil {
-			return nil, nil, err
+			return nil, nil, nil, err
 		}
 		if err := s.Start(ctx); err != nil {
-			return nil, nil, err
+			return nil, nil, nil, err
 		}
 		if as, err := s.Agents(ctx); err != nil || len(as) > 0 {
-			return s, s.Injected, err
+			return s, s.Injected, nil, err
 		}
 		ids := make([]string, cfg.agents)
 		for i := range ids {
 			ids[i] = fmt.Sprintf("agent-%02d", i+1)
 		}
-		return s, s.Injected, s.AddAgents(ctx, ids...)
+		return s, s.Injected, nil, s.AddAgents(ctx, ids...)
 	}
-	return nil, nil, fmt.Errorf("chaos node: unknown role %q", cfg.role)
+	return nil, nil, nil, fmt.Errorf("chaos node: unknown role %q", cfg.role)
 }
 
 // restock tops each food up to restockTo free packets once a second, so

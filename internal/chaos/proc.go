@@ -32,6 +32,7 @@ type proc struct {
 	launches int
 	exits    []string // why incarnations exited on their own
 	stopping bool
+	stopped  chan struct{} // closed by stop
 	done     chan struct{} // closed when supervise returns
 }
 
@@ -53,7 +54,7 @@ type incarnation struct {
 const restartAfter = time.Second
 
 func newProc(name string, args []string, command func(args ...string) *exec.Cmd, logPath string) *proc {
-	return &proc{name: name, args: args, command: command, logPath: logPath, next: make(chan struct{}), done: make(chan struct{})}
+	return &proc{name: name, args: args, command: command, logPath: logPath, next: make(chan struct{}), stopped: make(chan struct{}), done: make(chan struct{})}
 }
 
 // supervise runs the process until ctx ends or stop is called, starting
@@ -61,12 +62,12 @@ func newProc(name string, args []string, command func(args ...string) *exec.Cmd,
 func (p *proc) supervise(ctx context.Context) {
 	defer close(p.done)
 	for {
-		inc, err := p.launch()
+			inc, err := p.launch()
 		if err != nil {
 			p.mu.Lock()
 			p.exits = append(p.exits, "start: "+err.Error())
 			p.mu.Unlock()
-			if !wait(ctx, restartAfter) {
+			if !p.pause(ctx, restartAfter) {
 				return
 			}
 			continue
@@ -76,17 +77,20 @@ func (p *proc) supervise(ctx context.Context) {
 		case <-ctx.Done():
 			p.terminate(inc)
 			return
+		case <-p.stopped:
+			p.terminate(inc)
+			return
 		}
 		p.mu.Lock()
 		p.ended = p.ended.add(inc.stats)
 		inc.counted = true
-		down, stopping := inc.downtime, p.stopping
-		if !inc.killed && !stopping {
+		down := inc.downtime
+		if !inc.killed {
 			p.exits = append(p.exits, p.exitReason(inc))
 			down = restartAfter
 		}
 		p.mu.Unlock()
-		if stopping || !wait(ctx, down) {
+		if !p.pause(ctx, down) {
 			return
 		}
 	}
@@ -223,13 +227,27 @@ func (p *proc) kill(ctx context.Context, downtime time.Duration) error {
 // start it again.
 func (p *proc) stop() {
 	p.mu.Lock()
-	p.stopping = true
-	inc := p.cur
-	p.mu.Unlock()
-	if inc != nil {
-		p.terminate(inc)
+	if !p.stopping {
+		p.stopping = true
+		close(p.stopped)
 	}
+	p.mu.Unlock()
 	<-p.done
+}
+
+// pause waits d before the next incarnation: false when the process is to
+// stay down (ctx ended, or stop was called).
+func (p *proc) pause(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	case <-p.stopped:
+		return false
+	}
 }
 
 // terminate ends inc: SIGTERM, then SIGKILL if it is still running after
