@@ -2,6 +2,8 @@ package order
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -10,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/troupedev/troupe/examples/internal/idempotency"
 	"github.com/troupedev/troupe/examples/internal/jsonbody"
 )
 
@@ -41,12 +44,26 @@ type PlaceRequest struct {
 	FoodID string `json:"food_id"`
 	// Quantity is how many packets of it, 1 to MaxQuantity.
 	Quantity int `json:"quantity"`
+	// IdempotencyKey, when set, makes Place safe to repeat: the first
+	// Place with a key creates the order and stores the key with it, in
+	// the same transaction; a later Place with the same key, even one
+	// racing the first, creates nothing and returns that order (as it is
+	// now) if the request is the same, or an error matching
+	// ErrIdempotencyKeyReused if it differs. Empty: no key, every Place
+	// creates an order. A key is 1 to MaxIdempotencyKeyLength printable
+	// ASCII characters, chosen by the client (a UUID, say), and kept as
+	// long as its order. POST /orders fills it from the Idempotency-Key
+	// header; it is not part of the body.
+	IdempotencyKey string `json:"-"`
 }
 
 // Validate checks the request's fields, naming the first at fault. Place
 // checks the food against the menu too.
 func (r PlaceRequest) Validate() error {
 	bad := func(field, problem string) error { return &ValidationError{Field: field, Problem: problem} }
+	if err := idempotency.Validate(r.IdempotencyKey); err != nil {
+		return keyError(err)
+	}
 	switch {
 	case strings.TrimSpace(r.FoodID) == "":
 		return bad("food_id", "required")
@@ -56,6 +73,38 @@ func (r PlaceRequest) Validate() error {
 		return bad("quantity", fmt.Sprintf("must be between 1 and %d, have %d", MaxQuantity, r.Quantity))
 	}
 	return nil
+}
+
+// fingerprint identifies the request a key was first used with: a hash
+// of its fields (the key aside) as JSON, so white space and the order of
+// the body's fields do not count.
+func (r PlaceRequest) fingerprint() string {
+	b, _ := json.Marshal(r) // a string and an integer: cannot fail
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}
+
+// The Idempotency-Key header (see examples/internal/idempotency), and the
+// header that marks an answer as a repeat.
+const (
+	// HeaderIdempotencyKey carries PlaceRequest.IdempotencyKey, as the
+	// draft's quoted string ("8e03978e-...") or bare, as Stripe's clients
+	// send it: both name the same key. It is also the "field" of the 400
+	// and 422 answers about the key.
+	HeaderIdempotencyKey = idempotency.Header
+	// HeaderIdempotentReplayed is "true" on an answer to a POST /orders
+	// whose key had created the order already.
+	HeaderIdempotentReplayed = idempotency.ReplayedHeader
+	// MaxIdempotencyKeyLength is the longest key, in bytes.
+	MaxIdempotencyKeyLength = idempotency.MaxLength
+)
+
+// keyError turns an invalid key into a *ValidationError naming the header.
+func keyError(err error) error {
+	if e, ok := err.(*idempotency.Error); ok {
+		return &ValidationError{Field: HeaderIdempotencyKey, Problem: e.Problem}
+	}
+	return err
 }
 
 // maxBody bounds a request body.
@@ -75,8 +124,13 @@ func decodePlaceRequest(body io.Reader) (PlaceRequest, error) {
 // Handler returns the service's HTTP API:
 //
 //	POST /orders          {"food_id": "...", "quantity": 1}
-//	                      → 201 with the order (PENDING); 400 {"error", "field"} if invalid
-//	                        or not on the menu; 503 if the menu cannot be read
+//	                      → 201 with the order (PENDING) and its Location; 400 {"error", "field"}
+//	                        if invalid or not on the menu; 503 if the menu cannot be read.
+//	                        With an Idempotency-Key header (1 to 255 printable ASCII characters;
+//	                        400 naming the field otherwise), a repeat of the request creates
+//	                        nothing: 201 with the key's order as it is now, its Location and
+//	                        Idempotent-Replayed: true; 422 {"error", "field": "Idempotency-Key"}
+//	                        if the key came with another request
 //	GET  /orders/{id}     → 200 with the order: PENDING, PLACED (with its packets and
 //	                        agent) or NOT_PLACED (with the reason); ?wait=5s waits (up
 //	                        to 30s) for it to end
@@ -84,17 +138,28 @@ func decodePlaceRequest(body io.Reader) (PlaceRequest, error) {
 func (s *Service) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /orders", func(w http.ResponseWriter, r *http.Request) {
+		key, err := idempotency.Key(r.Header)
+		if err != nil {
+			s.writeError(w, keyError(err))
+			return
+		}
 		req, err := decodePlaceRequest(r.Body)
 		if err != nil {
 			s.writeError(w, err)
 			return
 		}
-		o, err := s.Place(r.Context(), req)
+		req.IdempotencyKey = key
+		o, replayed, err := s.place(r.Context(), req)
 		if err != nil {
 			s.writeError(w, err)
 			return
 		}
 		w.Header().Set("Location", "/orders/"+o.ID)
+		if replayed {
+			w.Header().Set(HeaderIdempotentReplayed, "true")
+		}
+		// A repeat answers as the first request was answered (the draft's
+		// advice, and Stripe's), with the order as it is now.
 		writeJSON(w, http.StatusCreated, o)
 	})
 	mux.HandleFunc("GET /orders/{id}", func(w http.ResponseWriter, r *http.Request) {
@@ -151,8 +216,8 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 }
 
 // writeError answers err with its status: 400 naming the field for an
-// invalid request, 404, 503 while the menu cannot be read, or 500 without
-// internals.
+// invalid request, 404, 422 for a reused Idempotency-Key, 503 while the
+// menu cannot be read, or 500 without internals.
 func (s *Service) writeError(w http.ResponseWriter, err error) {
 	type body struct {
 		Error string `json:"error"`
@@ -164,6 +229,8 @@ func (s *Service) writeError(w http.ResponseWriter, err error) {
 		writeJSON(w, http.StatusBadRequest, body{Error: ve.Error(), Field: ve.Field})
 	case errors.Is(err, ErrNotFound):
 		writeJSON(w, http.StatusNotFound, body{Error: err.Error()})
+	case errors.Is(err, ErrIdempotencyKeyReused):
+		writeJSON(w, http.StatusUnprocessableEntity, body{Error: err.Error(), Field: HeaderIdempotencyKey})
 	case errors.Is(err, ErrMenuUnavailable):
 		w.Header().Set("Retry-After", "1")
 		writeJSON(w, http.StatusServiceUnavailable, body{Error: "the menu is unavailable; try again"})

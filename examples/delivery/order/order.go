@@ -18,6 +18,13 @@
 // fulfilled. A PLACED order's OrderPlaced event leaves through the outbox
 // in the saga's last transaction, for the Delivery service to send the
 // agent out.
+//
+// A client that got no answer to POST /orders (a reset connection, a
+// timeout, a 503 while the service restarted) may send it again safely
+// with the same Idempotency-Key header (PlaceRequest.IdempotencyKey): the
+// key is stored with the order, under a unique index, in the order's own
+// transaction, so a repeat, even one racing the first, gets the first's
+// order and creates no second order and no second saga.
 package order
 
 import (
@@ -117,6 +124,9 @@ var (
 	// ErrMenuUnavailable: the menu could not be read, so the order was
 	// not taken; try again.
 	ErrMenuUnavailable = errors.New("order: the menu is unavailable")
+	// ErrIdempotencyKeyReused: the request's IdempotencyKey created an
+	// order for a different request (another food or quantity).
+	ErrIdempotencyKeyReused = errors.New("order: the Idempotency-Key was used with a different request")
 )
 
 // Config configures the service.
@@ -195,6 +205,14 @@ var migrations = []sqldb.Migration{{
   updated_at TIMESTAMP NOT NULL
 );
 CREATE INDEX delivery_orders_state ON delivery_orders (state)`,
+}, {
+	// An order placed with an Idempotency-Key keeps it, unique, with the
+	// fingerprint of its request; NULL (no key) never conflicts.
+	Version: 2,
+	Name:    "add_idempotency_key",
+	SQL: `ALTER TABLE delivery_orders ADD COLUMN idempotency_key TEXT;
+ALTER TABLE delivery_orders ADD COLUMN request_fingerprint TEXT NOT NULL DEFAULT '';
+CREATE UNIQUE INDEX delivery_orders_idempotency_key ON delivery_orders (idempotency_key)`,
 }}
 
 // Migrate creates the service's tables, with those of the saga, the
@@ -420,39 +438,115 @@ func (s *Service) Stop(ctx context.Context) error {
 // order PENDING with its saga, in one local transaction, which it may
 // share with orders placed at the same time (sqldb.DB.InGroupTx). An
 // invalid request returns a *ValidationError (errors.Is ErrInvalid).
+//
+// With req.IdempotencyKey set, the key is stored with the order in that
+// transaction, under a unique index. A Place whose key an order has
+// already returns that order, as it is now, and creates nothing (no order,
+// no saga), without asking the menu, or returns an error matching
+// ErrIdempotencyKeyReused if that order was placed by a different request.
+// Concurrent Places with one key create one order: the index lets one
+// insert in, and the others read its order once it has committed.
 func (s *Service) Place(ctx context.Context, req PlaceRequest) (Order, error) {
+	o, _, err := s.place(ctx, req)
+	return o, err
+}
+
+// place is Place, telling whether the order is the one req's key had
+// created already.
+func (s *Service) place(ctx context.Context, req PlaceRequest) (o Order, replayed bool, err error) {
 	if err := req.Validate(); err != nil {
-		return Order{}, err
+		return Order{}, false, err
+	}
+	var key any // NULL without a key: NULLs never conflict
+	fingerprint := ""
+	if req.IdempotencyKey != "" {
+		key, fingerprint = req.IdempotencyKey, req.fingerprint()
+		// A repeat is answered from the database alone, even while the
+		// Store is unreachable.
+		prev, found, err := orderByKey(ctx, s.db, req.IdempotencyKey, fingerprint)
+		if err != nil || found {
+			return prev, found, err
+		}
 	}
 	ok, err := s.cfg.Menu.OnMenu(ctx, req.FoodID)
 	if err != nil {
-		return Order{}, fmt.Errorf("%w: %w", ErrMenuUnavailable, err)
+		return Order{}, false, fmt.Errorf("%w: %w", ErrMenuUnavailable, err)
 	}
 	if !ok {
-		return Order{}, &ValidationError{Field: "food_id", Problem: fmt.Sprintf("no food %q on the menu (GET /foods lists it)", req.FoodID)}
+		return Order{}, false, &ValidationError{Field: "food_id", Problem: fmt.Sprintf("no food %q on the menu (GET /foods lists it)", req.FoodID)}
 	}
 	now := s.now()
-	o := Order{ID: message.NewID(), FoodID: req.FoodID, Quantity: req.Quantity, State: Pending, CreatedAt: now, UpdatedAt: now}
+	o = Order{ID: message.NewID(), FoodID: req.FoodID, Quantity: req.Quantity, State: Pending, CreatedAt: now, UpdatedAt: now}
+	var prev Order
 	err = s.db.InGroupTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
-		if _, err := tx.Exec(ctx, `INSERT INTO delivery_orders (id, food_id, quantity, state, created_at, updated_at)
-			VALUES ($1, $2, $3, $4, $5, $5)`, o.ID, o.FoodID, o.Quantity, string(o.State), now); err != nil {
+		replayed = false
+		// On PostgreSQL an insert whose key another transaction has just
+		// inserted waits for that one to end: it then inserts (the other
+		// rolled back) or does nothing, never fails, so the transaction
+		// stays usable for reading the other's order.
+		n, err := tx.Exec(ctx, `INSERT INTO delivery_orders (id, food_id, quantity, state, created_at, updated_at, idempotency_key, request_fingerprint)
+			VALUES ($1, $2, $3, $4, $5, $5, $6, $7) ON CONFLICT (idempotency_key) DO NOTHING`,
+			o.ID, o.FoodID, o.Quantity, string(o.State), now, key, fingerprint)
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			if key == nil {
+				return fmt.Errorf("order %s was not inserted", o.ID)
+			}
+			var found bool
+			prev, found, err = orderByKey(ctx, tx, req.IdempotencyKey, fingerprint)
+			if err == nil && !found {
+				err = fmt.Errorf("no order has Idempotency-Key %q, yet it conflicts", req.IdempotencyKey)
+			}
+			replayed = true
 			return err
 		}
 		return s.defs[o.Quantity].StartTx(ctx, tx, s.orch, o.ID, sagaData{OrderID: o.ID, FoodID: o.FoodID, Quantity: o.Quantity})
 	})
-	if err != nil {
-		return Order{}, fmt.Errorf("order: place: %w", err)
+	switch {
+	case errors.Is(err, ErrIdempotencyKeyReused):
+		return Order{}, false, err
+	case err != nil:
+		return Order{}, false, fmt.Errorf("order: place: %w", err)
+	case replayed:
+		return prev, true, nil
 	}
 	s.relay.Notify()
 	s.sched.Notify()
-	return o, nil
+	return o, false, nil
+}
+
+// querier is what reads an order: the DB, or a transaction.
+type querier interface {
+	QueryRow(ctx context.Context, query string, args ...any) sqldb.Row
+}
+
+// orderByKey reads the order that key created, if any, and checks that
+// fingerprint is its request's (ErrIdempotencyKeyReused if not).
+func orderByKey(ctx context.Context, q querier, key, fingerprint string) (Order, bool, error) {
+	var id, was string
+	err := q.QueryRow(ctx, `SELECT id, request_fingerprint FROM delivery_orders WHERE idempotency_key = $1`, key).Scan(&id, &was)
+	if errors.Is(err, sqldb.ErrNoRows) {
+		return Order{}, false, nil
+	}
+	if err != nil {
+		return Order{}, false, fmt.Errorf("order: read the order of Idempotency-Key %q: %w", key, err)
+	}
+	if was != fingerprint {
+		return Order{}, false, fmt.Errorf("%w (key %q)", ErrIdempotencyKeyReused, key)
+	}
+	o, err := getOrder(ctx, q, id)
+	return o, err == nil, err
 }
 
 // Get reads an order.
-func (s *Service) Get(ctx context.Context, id string) (Order, error) {
+func (s *Service) Get(ctx context.Context, id string) (Order, error) { return getOrder(ctx, s.db, id) }
+
+func getOrder(ctx context.Context, q querier, id string) (Order, error) {
 	var o Order
 	var state, packets string
-	err := s.db.QueryRow(ctx, `SELECT id, food_id, quantity, state, reason, packets, agent, created_at, updated_at
+	err := q.QueryRow(ctx, `SELECT id, food_id, quantity, state, reason, packets, agent, created_at, updated_at
 		FROM delivery_orders WHERE id = $1`, id).
 		Scan(&o.ID, &o.FoodID, &o.Quantity, &state, &o.Reason, &packets, &o.Agent, &o.CreatedAt, &o.UpdatedAt)
 	if errors.Is(err, sqldb.ErrNoRows) {

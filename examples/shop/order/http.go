@@ -2,6 +2,8 @@ package order
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -10,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/troupedev/troupe/examples/internal/idempotency"
 	"github.com/troupedev/troupe/examples/internal/jsonbody"
 )
 
@@ -39,6 +42,17 @@ func (e *ValidationError) Is(target error) bool { return target == ErrInvalid }
 type PlaceRequest struct {
 	CustomerID string `json:"customer_id"`
 	Items      []Item `json:"items"`
+	// IdempotencyKey, when set, makes Place safe to repeat: the first
+	// Place with a key creates the order and stores the key with it, in
+	// the same transaction; a later Place with the same key, even one
+	// racing the first, creates nothing and returns that order (as it is
+	// now) if the request is the same, or an error matching
+	// ErrIdempotencyKeyReused if it differs. Empty: no key, every Place
+	// creates an order. A key is 1 to MaxIdempotencyKeyLength printable
+	// ASCII characters, chosen by the client (a UUID, say), and kept as
+	// long as its order. POST /orders fills it from the Idempotency-Key
+	// header; it is not part of the body.
+	IdempotencyKey string `json:"-"`
 }
 
 // Limits of an order.
@@ -51,6 +65,9 @@ const (
 // Validate checks the request, naming the first field at fault.
 func (r PlaceRequest) Validate() error {
 	bad := func(field, problem string) error { return &ValidationError{Field: field, Problem: problem} }
+	if err := idempotency.Validate(r.IdempotencyKey); err != nil {
+		return keyError(err)
+	}
 	switch {
 	case strings.TrimSpace(r.CustomerID) == "":
 		return bad("customer_id", "required")
@@ -75,12 +92,44 @@ func (r PlaceRequest) Validate() error {
 	return nil
 }
 
+// fingerprint identifies the request a key was first used with: a hash
+// of its fields (the key aside) as JSON, so white space and the order of
+// the body's fields do not count, the order of the items does.
+func (r PlaceRequest) fingerprint() string {
+	b, _ := json.Marshal(r) // strings and integers: cannot fail
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}
+
 func (r PlaceRequest) total() int64 {
 	var t int64
 	for _, it := range r.Items {
 		t += it.Quantity * it.UnitPrice
 	}
 	return t
+}
+
+// The Idempotency-Key header (see examples/internal/idempotency), and the
+// header that marks an answer as a repeat.
+const (
+	// HeaderIdempotencyKey carries PlaceRequest.IdempotencyKey, as the
+	// draft's quoted string ("8e03978e-...") or bare, as Stripe's clients
+	// send it: both name the same key. It is also the "field" of the 400
+	// and 422 answers about the key.
+	HeaderIdempotencyKey = idempotency.Header
+	// HeaderIdempotentReplayed is "true" on an answer to a POST /orders
+	// whose key had created the order already.
+	HeaderIdempotentReplayed = idempotency.ReplayedHeader
+	// MaxIdempotencyKeyLength is the longest key, in bytes.
+	MaxIdempotencyKeyLength = idempotency.MaxLength
+)
+
+// keyError turns an invalid key into a *ValidationError naming the header.
+func keyError(err error) error {
+	if e, ok := err.(*idempotency.Error); ok {
+		return &ValidationError{Field: HeaderIdempotencyKey, Problem: e.Problem}
+	}
+	return err
 }
 
 // maxBody bounds a request body.
@@ -100,7 +149,12 @@ func decodePlaceRequest(body io.Reader) (PlaceRequest, error) {
 // Handler returns the service's HTTP API:
 //
 //	POST /orders               {"customer_id": "...", "items": [{"sku", "quantity", "unit_price"}]}
-//	                           → 201 with the order (PENDING); 400 {"error", "field"} if invalid
+//	                           → 201 with the order (PENDING) and its Location; 400 {"error", "field"}
+//	                           if invalid. With an Idempotency-Key header (1 to 255 printable ASCII
+//	                           characters; 400 naming the field otherwise), a repeat of the request
+//	                           creates nothing: 201 with the key's order as it is now, its Location
+//	                           and Idempotent-Replayed: true; 422 {"error", "field": "Idempotency-Key"}
+//	                           if the key came with another request
 //	GET  /orders/{id}          → 200 with the order; ?wait=5s waits (up to 30s) for it to end
 //	POST /orders/{id}/cancel   → 200 with the order; 409 if it has ended
 //	GET  /orders/{id}/saga     → the CreateOrder saga's state and history (orchestrated orders)
@@ -108,17 +162,28 @@ func decodePlaceRequest(body io.Reader) (PlaceRequest, error) {
 func (s *Service) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /orders", func(w http.ResponseWriter, r *http.Request) {
+		key, err := idempotency.Key(r.Header)
+		if err != nil {
+			s.writeError(w, keyError(err))
+			return
+		}
 		req, err := decodePlaceRequest(r.Body)
 		if err != nil {
 			s.writeError(w, err)
 			return
 		}
-		o, err := s.Place(r.Context(), req)
+		req.IdempotencyKey = key
+		o, replayed, err := s.place(r.Context(), req)
 		if err != nil {
 			s.writeError(w, err)
 			return
 		}
 		w.Header().Set("Location", "/orders/"+o.ID)
+		if replayed {
+			w.Header().Set(HeaderIdempotentReplayed, "true")
+		}
+		// A repeat answers as the first request was answered (the draft's
+		// advice, and Stripe's), with the order as it is now.
 		writeJSON(w, http.StatusCreated, o)
 	})
 	mux.HandleFunc("GET /orders/{id}", func(w http.ResponseWriter, r *http.Request) {
@@ -198,7 +263,8 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 }
 
 // writeError answers err with its status: 400 naming the field for an
-// invalid request, 404, 409, or 500 without internals.
+// invalid request, 404, 409, 422 for a reused Idempotency-Key, or 500
+// without internals.
 func (s *Service) writeError(w http.ResponseWriter, err error) {
 	type body struct {
 		Error string `json:"error"`
@@ -212,6 +278,8 @@ func (s *Service) writeError(w http.ResponseWriter, err error) {
 		writeJSON(w, http.StatusNotFound, body{Error: err.Error()})
 	case errors.Is(err, ErrNotCancellable):
 		writeJSON(w, http.StatusConflict, body{Error: err.Error()})
+	case errors.Is(err, ErrIdempotencyKeyReused):
+		writeJSON(w, http.StatusUnprocessableEntity, body{Error: err.Error(), Field: HeaderIdempotencyKey})
 	default:
 		s.cfg.Logger.Error("order: request failed", "err", err)
 		writeJSON(w, http.StatusInternalServerError, body{Error: "internal error"})

@@ -20,6 +20,13 @@
 // one local transaction (the outbox), every message is handled once (the
 // inbox), and the outcome events (approved, rejected, cancelled) are
 // published for other services, such as an order history view.
+//
+// A client that got no answer to POST /orders (a reset connection, a
+// timeout, a 503 while the service restarted) may send it again safely
+// with the same Idempotency-Key header (PlaceRequest.IdempotencyKey): the
+// key is stored with the order, under a unique index, in the order's own
+// transaction, so a repeat, even one racing the first, gets the first's
+// order and creates no second order and no second saga.
 package order
 
 import (
@@ -138,6 +145,9 @@ var (
 	ErrNotFound = errors.New("order: not found")
 	// ErrNotCancellable: the order has ended already.
 	ErrNotCancellable = errors.New("order: only a pending order can be cancelled")
+	// ErrIdempotencyKeyReused: the request's IdempotencyKey created an
+	// order for a different request (another customer or other items).
+	ErrIdempotencyKeyReused = errors.New("order: the Idempotency-Key was used with a different request")
 	// errCancelled is the approve step's refusal.
 	errCancelled = errors.New("cancelled by the customer")
 )
@@ -206,6 +216,14 @@ var migrations = []sqldb.Migration{{
   updated_at       TIMESTAMP NOT NULL
 );
 CREATE INDEX shop_orders_customer ON shop_orders (customer_id, state)`,
+}, {
+	// An order placed with an Idempotency-Key keeps it, unique, with the
+	// fingerprint of its request; NULL (no key) never conflicts.
+	Version: 2,
+	Name:    "add_idempotency_key",
+	SQL: `ALTER TABLE shop_orders ADD COLUMN idempotency_key TEXT;
+ALTER TABLE shop_orders ADD COLUMN request_fingerprint TEXT NOT NULL DEFAULT '';
+CREATE UNIQUE INDEX shop_orders_idempotency_key ON shop_orders (idempotency_key)`,
 }}
 
 // Migrate creates the service's tables, with those of the saga, the
@@ -415,22 +433,58 @@ func (s *Service) waking(h broker.Handler) broker.Handler {
 // transaction, in one local transaction, which it may share with orders
 // placed at the same time (sqldb.DB.InGroupTx). An invalid request returns a
 // *ValidationError (errors.Is ErrInvalid).
+//
+// With req.IdempotencyKey set, the key is stored with the order in that
+// transaction, under a unique index. A Place whose key an order has
+// already returns that order, as it is now, and creates nothing (no order,
+// no saga, no event), or returns an error matching
+// ErrIdempotencyKeyReused if that order was placed by a different request.
+// Concurrent Places with one key create one order: the index lets one
+// insert in, and the others read its order once it has committed.
 func (s *Service) Place(ctx context.Context, req PlaceRequest) (Order, error) {
+	o, _, err := s.place(ctx, req)
+	return o, err
+}
+
+// place is Place, telling whether the order is the one req's key had
+// created already.
+func (s *Service) place(ctx context.Context, req PlaceRequest) (o Order, replayed bool, err error) {
 	if err := req.Validate(); err != nil {
-		return Order{}, err
+		return Order{}, false, err
 	}
 	now := time.Now().UTC().Truncate(time.Microsecond)
-	o := Order{ID: message.NewID(), CustomerID: req.CustomerID, Items: req.Items, Total: req.total(),
+	o = Order{ID: message.NewID(), CustomerID: req.CustomerID, Items: req.Items, Total: req.total(),
 		State: Pending, Mode: s.cfg.Mode, CreatedAt: now, UpdatedAt: now}
 	items, err := json.Marshal(o.Items)
 	if err != nil {
-		return Order{}, err
+		return Order{}, false, err
 	}
+	var key any // NULL without a key: NULLs never conflict
+	fingerprint := ""
+	if req.IdempotencyKey != "" {
+		key, fingerprint = req.IdempotencyKey, req.fingerprint()
+	}
+	var prev Order
 	// Orders placed at the same time commit together (on SQLite, where
 	// write transactions run one at a time).
 	err = s.db.InGroupTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
-		if _, err := tx.Exec(ctx, `INSERT INTO shop_orders (id, customer_id, items, total, state, mode, created_at, updated_at)
-			VALUES ($1, $2, $3, $4, $5, $6, $7, $7)`, o.ID, o.CustomerID, string(items), o.Total, string(o.State), string(o.Mode), now); err != nil {
+		replayed = false
+		// On PostgreSQL an insert whose key another transaction has just
+		// inserted waits for that one to end: it then inserts (the other
+		// rolled back) or does nothing, never fails, so the transaction
+		// stays usable for reading the other's order.
+		n, err := tx.Exec(ctx, `INSERT INTO shop_orders (id, customer_id, items, total, state, mode, created_at, updated_at, idempotency_key, request_fingerprint)
+			VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9) ON CONFLICT (idempotency_key) DO NOTHING`,
+			o.ID, o.CustomerID, string(items), o.Total, string(o.State), string(o.Mode), now, key, fingerprint)
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			if key == nil {
+				return fmt.Errorf("order %s was not inserted", o.ID)
+			}
+			replayed = true
+			prev, err = orderByKey(ctx, tx, req.IdempotencyKey, fingerprint)
 			return err
 		}
 		if o.Mode == Orchestrated {
@@ -443,11 +497,30 @@ func (s *Service) Place(ctx context.Context, req PlaceRequest) (Order, error) {
 		m.Subject, m.CorrelationID = o.ID, o.ID
 		return outbox.Add(ctx, tx, EventTopic, m)
 	})
-	if err != nil {
-		return Order{}, fmt.Errorf("order: place: %w", err)
+	switch {
+	case errors.Is(err, ErrIdempotencyKeyReused):
+		return Order{}, false, err
+	case err != nil:
+		return Order{}, false, fmt.Errorf("order: place: %w", err)
+	case replayed:
+		return prev, true, nil
 	}
 	s.relay.Notify()
-	return o, nil
+	return o, false, nil
+}
+
+// orderByKey reads, in tx, the order that key created, if fingerprint is
+// its request's; ErrIdempotencyKeyReused if not.
+func orderByKey(ctx context.Context, tx sqldb.Tx, key, fingerprint string) (Order, error) {
+	var id, was string
+	err := tx.QueryRow(ctx, `SELECT id, request_fingerprint FROM shop_orders WHERE idempotency_key = $1`, key).Scan(&id, &was)
+	if err != nil {
+		return Order{}, fmt.Errorf("read the order of Idempotency-Key %q: %w", key, err)
+	}
+	if was != fingerprint {
+		return Order{}, fmt.Errorf("%w (key %q)", ErrIdempotencyKeyReused, key)
+	}
+	return scanOrder(tx.QueryRow(ctx, selectOrder+` WHERE id = $1`, id), id)
 }
 
 // Cancel asks to cancel a pending order. The order ends CANCELLED once its
