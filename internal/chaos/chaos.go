@@ -236,6 +236,11 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		return nil, err
 	}
 	rep.Violations = append(rep.Violations, lost...)
+	for _, c := range r.clients {
+		for _, t := range c.replays() {
+			rep.Violations = append(rep.Violations, c.example+": "+InvOneOrderPerKey+": "+t)
+		}
+	}
 	if rep.Counts, err = r.count(runCtx); err != nil {
 		return nil, err
 	}
@@ -353,7 +358,7 @@ func (r *run) startProcesses(ctx context.Context, supervisors *sync.WaitGroup) e
 	}
 	for _, e := range r.cfg.Examples {
 		for i := range r.cfg.Clients {
-			r.clients = append(r.clients, newClient(e, r.urls, rand.New(rand.NewPCG(rng.Uint64(), uint64(i)))))
+			r.clients = append(r.clients, newClient(fmt.Sprintf("%s-client-%d", e, i), e, r.urls, rand.New(rand.NewPCG(rng.Uint64(), uint64(i)))))
 		}
 	}
 	return nil

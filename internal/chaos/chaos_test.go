@@ -68,6 +68,9 @@ func TestRun_ProcessesKilledBrokerAndDatabaseCrashedNothingLostNothingTwice(t *t
 	if rep.Messages.Duplicated == 0 {
 		t.Error("no message was published twice")
 	}
+	if rep.Clients.Replayed == 0 {
+		t.Error("no order was sent again with its Idempotency-Key")
+	}
 	for _, e := range []string{chaos.Shop, chaos.Delivery} {
 		n := 0
 		for _, v := range rep.Counts[e].Sagas {

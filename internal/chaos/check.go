@@ -152,6 +152,10 @@ func (r *run) unfinished(ctx context.Context) []string {
 // answered 201 to was committed, so it is in the database after any crash.
 const InvAcknowledgedKept = "every order acknowledged to a client exists"
 
+// InvOneOrderPerKey is the harness's other invariant: an order sent again
+// with its Idempotency-Key is answered with the order the key created.
+const InvOneOrderPerKey = "one order per Idempotency-Key"
+
 // checkAcknowledged returns a violation for each example with orders its
 // clients were told were taken but that its Order database does not hold.
 func (r *run) checkAcknowledged(ctx context.Context) ([]string, error) {

@@ -72,8 +72,9 @@ func (r *Report) Write(w io.Writer) {
 		row("  "+e+" orders", "%s", counted(c.Orders))
 		row("  "+e+" sagas", "%s", counted(c.Sagas))
 	}
-	row("orders taken over HTTP", "%d (%d seen ending by their client; %d requests failed while a process was down)",
-		r.Clients.Taken, r.Clients.Ended, r.Clients.Failed)
+	row("orders taken over HTTP", "%d (%d seen ending by their client)", r.Clients.Taken, r.Clients.Ended)
+	row("  requests failed, sent again", "%d (a process down or restarting; the same Idempotency-Key each time)", r.Clients.Failed)
+	row("  orders sent again after their 201", "%d (each must answer with the same order)", r.Clients.Replayed)
 	row("faults injected", "")
 	for _, k := range FaultKinds {
 		v := fmt.Sprint(r.Faults[k])
