@@ -62,7 +62,7 @@ func newProc(name string, args []string, command func(args ...string) *exec.Cmd,
 func (p *proc) supervise(ctx context.Context) {
 	defer close(p.done)
 	for {
-			inc, err := p.launch()
+		inc, err := p.launch()
 		if err != nil {
 			p.mu.Lock()
 			p.exits = append(p.exits, "start: "+err.Error())
