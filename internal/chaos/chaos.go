@@ -226,6 +226,9 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	}
 	rep.Quiesce = time.Since(qstart)
 	rep.Violations = append(rep.Violations, live...)
+	if len(live) > 0 {
+		rep.Stuck = r.unfinished(runCtx)
+	}
 	safety, err := r.check(runCtx, false)
 	if err != nil {
 		return nil, err

@@ -44,7 +44,7 @@ func (r *run) quiesce(ctx context.Context) ([]string, error) {
 			for i, v := range last {
 				last[i] = "not quiescent: " + v
 			}
-			return append(last, r.unfinished(context.WithoutCancel(ctx))...), nil
+			return last, nil
 		}
 	}
 }
@@ -57,6 +57,13 @@ func (r *run) check(ctx context.Context, live bool) ([]string, error) {
 		if isLiveness(inv) == live {
 			out = append(out, s)
 		}
+	}
+	for _, role := range r.roles {
+		vs, err := checkAudit(ctx, r.db(role), role, live)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, vs...)
 	}
 	for _, e := range r.cfg.Examples {
 		switch e {
@@ -140,7 +147,7 @@ func (r *run) unfinished(ctx context.Context) []string {
 			var id, status, awaiting, reason string
 			var step, attempt int
 			if rows.Scan(&id, &status, &step, &awaiting, &attempt, &reason) == nil {
-				out = append(out, fmt.Sprintf("  (%s: saga %s is %s at step %d, awaiting %q attempt %d: %s)", role, id, status, step, awaiting, attempt, reason))
+				out = append(out, fmt.Sprintf("%s: saga %s is %s at step %d, awaiting %q (attempt %d): %s", role, id, status, step, awaiting, attempt, reason))
 			}
 		}
 		rows.Close()

@@ -187,6 +187,15 @@ func RunNode(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		defer cancel()
 		svc.Stop(sctx)
 	}()
+	stopAudit, err := startAudit(ctx, db, nb, cfg.role, log)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		stopAudit(sctx)
+	}()
 	if loop != nil {
 		lctx, stopLoop := context.WithCancel(ctx)
 		var loops sync.WaitGroup
@@ -240,7 +249,10 @@ func startService(ctx context.Context, cfg nodeConfig, db *sqldb.DB, b *faulty.B
 		if err := sorder.Migrate(ctx, db); err != nil {
 			return nil, nil, nil, err
 		}
-		s, err := sorder.New(db, b, sorder.Config{Mode: sorder.Orchestrated, Logger: log})
+		// A short deadline makes the saga send its commands again while a
+		// participant is down, so that the participant's barrier, not only
+		// its inbox, meets repeated commands.
+		s, err := sorder.New(db, b, sorder.Config{Mode: sorder.Orchestrated, Logger: log, Deadline: time.Second})
 		if err != nil {
 			return nil, nil, nil, err
 		}

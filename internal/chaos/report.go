@@ -40,6 +40,9 @@ type Report struct {
 	// Violations lists every broken invariant. A run passes when it is
 	// empty.
 	Violations []string
+	// Stuck describes a few sagas that had not ended when the run gave up
+	// waiting for quiescence, to start the search for the cause.
+	Stuck []string
 	// Dir is where the run's logs were kept (empty when they were removed).
 	Dir string
 }
@@ -94,6 +97,9 @@ func (r *Report) Write(w io.Writer) {
 	}
 	for _, v := range r.Violations {
 		fmt.Fprintf(w, "  VIOLATION %s\n", v)
+	}
+	for _, s := range r.Stuck {
+		fmt.Fprintf(w, "  stuck: %s\n", s)
 	}
 	if len(r.Violations) > 0 {
 		fmt.Fprintf(w, "  reproduce with: troupe chaos --duration %v --seed %d --examples %s\n", r.Duration, r.Seed, strings.Join(r.Examples, ","))
