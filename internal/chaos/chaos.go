@@ -160,8 +160,8 @@ type run struct {
 // system to quiesce, and checks the invariants from the databases'
 // contents. The returned Report's Violations must be empty; an error is a
 // run that could not be carried out.
-func Run(ctx context.Context, cfg Config) (*Report, error) {
-	cfg, err := cfg.withDefaults()
+func Run(ctx context.Context, cfg Config) (_ *Report, err error) {
+	cfg, err = cfg.withDefaults()
 	if err != nil {
 		return nil, err
 	}
@@ -176,6 +176,11 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	if err := os.MkdirAll(r.dir, 0o755); err != nil {
 		return nil, err
 	}
+	defer func() {
+		if err != nil {
+			err = fmt.Errorf("%w (the processes' logs are in %s)", err, r.dir)
+		}
+	}()
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var supervisors sync.WaitGroup
