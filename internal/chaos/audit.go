@@ -35,13 +35,13 @@ const (
 const auditGroup = "chaos-audit"
 
 // auditTopics returns the topics a role's service publishes to through
-// its outbox.
+// its outbox, in either of the shop's modes.
 func auditTopics(role string) []string {
 	switch role {
 	case RoleShopOrder:
 		return []string{customer.CommandTopic, sorder.EventTopic}
 	case RoleShopCustomer:
-		return []string{sorder.ReplyTopic}
+		return []string{sorder.ReplyTopic, customer.EventTopic}
 	case RoleDeliveryOrder:
 		return []string{store.CommandTopic, order.EventTopic}
 	case RoleDeliveryStore:

@@ -15,6 +15,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/troupedev/troupe/examples/shop/order"
 	"github.com/troupedev/troupe/internal/pgcluster"
 	"github.com/troupedev/troupe/internal/servicedb"
 	"github.com/troupedev/troupe/sqldb"
@@ -51,6 +52,9 @@ type Config struct {
 	Seed uint64
 	// Examples are the examples run, of Shop and Delivery. Default both.
 	Examples []string
+	// ShopMode is how the shop runs CreateOrder: as an orchestrated saga
+	// or as a choreography of events. Default orchestrated.
+	ShopMode order.Mode
 	// Clients is how many clients place orders at once, per example.
 	// Default 6.
 	Clients int
@@ -89,6 +93,9 @@ func (c Config) withDefaults() (Config, error) {
 	if len(c.Examples) == 0 {
 		c.Examples = []string{Shop, Delivery}
 	}
+	if c.ShopMode == "" {
+		c.ShopMode = order.Orchestrated
+	}
 	if c.Clients == 0 {
 		c.Clients = 6
 	}
@@ -125,6 +132,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.Duplicate < 0 || c.Duplicate > 1 || c.FailRate < 0 || c.FailRate > 1 {
 		errs = append(errs, fmt.Errorf("Duplicate %v and FailRate %v must be within 0..1", c.Duplicate, c.FailRate))
+	}
+	if _, err := order.ParseMode(string(c.ShopMode)); err != nil {
+		errs = append(errs, err)
 	}
 	for _, e := range c.Examples {
 		if e != Shop && e != Delivery {
@@ -166,7 +176,7 @@ func Run(ctx context.Context, cfg Config) (_ *Report, err error) {
 		return nil, err
 	}
 	r := &run{cfg: cfg, procs: map[string]*proc{}, urls: map[string]string{}, faults: map[string]int{}, killed: map[string]int{}}
-	rep := &Report{Seed: cfg.Seed, Duration: cfg.Duration, Examples: cfg.Examples, Faults: map[string]int{}}
+	rep := &Report{Seed: cfg.Seed, Duration: cfg.Duration, Examples: cfg.Examples, ShopMode: cfg.ShopMode, Faults: map[string]int{}}
 	if r.dir = cfg.Dir; r.dir == "" {
 		if r.dir, err = os.MkdirTemp("", "troupe-chaos-*"); err != nil {
 			return nil, err
@@ -344,7 +354,7 @@ func (r *run) startProcesses(ctx context.Context, supervisors *sync.WaitGroup) e
 		nc := &nodeConfig{
 			role: role, db: r.pg.URL(r.dbs.Names[role]), nats: natsURL, addr: strings.TrimPrefix(r.urls[role], "http://"),
 			duplicate: r.cfg.Duplicate, delay: 0.5, failRate: r.cfg.FailRate, seed: r.cfg.Seed + uint64(i+1),
-			customers: shopCustomers, agents: deliveryAgents, deliverAfter: 100 * time.Millisecond,
+			customers: shopCustomers, agents: deliveryAgents, deliverAfter: 100 * time.Millisecond, shopMode: string(r.cfg.ShopMode),
 		}
 		if role == RoleDeliveryOrder {
 			nc.storeURL, nc.deliveryURL = r.urls[RoleDeliveryStore], r.urls[RoleDeliveryDispatch]

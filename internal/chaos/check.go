@@ -97,7 +97,7 @@ func (r *run) count(ctx context.Context) (map[string]Counts, error) {
 		if e == Delivery {
 			orderDB, table = r.db(RoleDeliveryOrder), "delivery_orders"
 		}
-		c := Counts{Orders: map[string]int{}, Sagas: map[string]int{}}
+		c := Counts{Orders: map[string]int{}, Sagas: map[string]int{}, Flows: map[string]int{}}
 		for _, q := range []struct {
 			sql string
 			m   map[string]int
@@ -117,6 +117,25 @@ func (r *run) count(ctx context.Context) (map[string]Counts, error) {
 					return nil, err
 				}
 				q.m[k] = n
+			}
+			if err := rows.Close(); err != nil {
+				return nil, err
+			}
+		}
+		if e == Shop {
+			// The choreographed shop's business transactions are flows.
+			rows, err := orderDB.Query(ctx, `SELECT status, count(*) FROM troupe_flows GROUP BY status`)
+			if err != nil {
+				return nil, fmt.Errorf("chaos: count %s: %w", e, err)
+			}
+			for rows.Next() {
+				var k string
+				var n int
+				if err := rows.Scan(&k, &n); err != nil {
+					rows.Close()
+					return nil, err
+				}
+				c.Flows[k] = n
 			}
 			if err := rows.Close(); err != nil {
 				return nil, err

@@ -77,6 +77,7 @@ type nodeConfig struct {
 	seed                       uint64
 	customers, agents          int
 	deliverAfter               time.Duration
+	shopMode                   string
 }
 
 func (c *nodeConfig) args() []string {
@@ -95,6 +96,7 @@ func (c *nodeConfig) args() []string {
 		"--fail-rate", fmt.Sprint(c.failRate), "--seed", fmt.Sprint(c.seed),
 		"--customers", fmt.Sprint(c.customers), "--agents", fmt.Sprint(c.agents),
 		"--deliver-after", c.deliverAfter.String())
+	add("shop-mode", c.shopMode)
 	return a
 }
 
@@ -116,8 +118,12 @@ func parseNode(args []string, stderr io.Writer) (nodeConfig, error) {
 	fs.IntVar(&c.customers, "customers", 0, "customers to create on first start (shop-customer)")
 	fs.IntVar(&c.agents, "agents", 0, "agents to create on first start (delivery-dispatch)")
 	fs.DurationVar(&c.deliverAfter, "deliver-after", 100*time.Millisecond, "how long an agent is out with a placed order")
+	fs.StringVar(&c.shopMode, "shop-mode", string(sorder.Orchestrated), "how the shop runs CreateOrder: orchestrated or choreographed")
 	if err := fs.Parse(args); err != nil {
 		return c, err
+	}
+	if _, err := sorder.ParseMode(c.shopMode); err != nil {
+		return c, fmt.Errorf("chaos node: --shop-mode: %w", err)
 	}
 	switch c.role {
 	case RoleNATS:
@@ -252,7 +258,7 @@ func startService(ctx context.Context, cfg nodeConfig, db *sqldb.DB, b *faulty.B
 		// A short deadline makes the saga send its commands again while a
 		// participant is down, so that the participant's barrier, not only
 		// its inbox, meets repeated commands.
-		s, err := sorder.New(db, b, sorder.Config{Mode: sorder.Orchestrated, Logger: log, Deadline: time.Second})
+		s, err := sorder.New(db, b, sorder.Config{Mode: sorder.Mode(cfg.shopMode), Logger: log, Deadline: time.Second})
 		if err != nil {
 			return nil, nil, nil, err
 		}
@@ -261,7 +267,8 @@ func startService(ctx context.Context, cfg nodeConfig, db *sqldb.DB, b *faulty.B
 		if err := customer.Migrate(ctx, db); err != nil {
 			return nil, nil, nil, err
 		}
-		s, err := customer.New(db, b, customer.Config{Logger: log, FailRate: cfg.failRate, Seed: cfg.seed, Backoff: backoff.Delay})
+		s, err := customer.New(db, b, customer.Config{Logger: log, FailRate: cfg.failRate, Seed: cfg.seed, Backoff: backoff.Delay,
+			Choreographed: sorder.Mode(cfg.shopMode) == sorder.Choreographed})
 		if err != nil {
 			return nil, nil, nil, err
 		}

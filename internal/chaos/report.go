@@ -8,6 +8,8 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"github.com/troupedev/troupe/examples/shop/order"
 )
 
 // Report is what a run did and found.
@@ -19,6 +21,8 @@ type Report struct {
 	Duration, Worked time.Duration
 	// Examples are the examples run.
 	Examples []string
+	// ShopMode is how the shop ran CreateOrder.
+	ShopMode order.Mode
 	// Setup says what ran where.
 	Setup string
 	// Counts are the orders and sagas, by example.
@@ -47,16 +51,21 @@ type Report struct {
 	Dir string
 }
 
-// Counts are an example's orders by state and sagas by status.
+// Counts are an example's orders by state, sagas by status and, for the
+// choreographed shop, flows by status.
 type Counts struct {
-	Orders, Sagas map[string]int
+	Orders, Sagas, Flows map[string]int
 }
 
-// Sagas returns how many sagas the run ran, over all examples.
+// Sagas returns how many business transactions the run ran, over all
+// examples: sagas, and the choreographed shop's flows.
 func (r *Report) Sagas() int {
 	n := 0
 	for _, c := range r.Counts {
 		for _, v := range c.Sagas {
+			n += v
+		}
+		for _, v := range c.Flows {
 			n += v
 		}
 	}
@@ -68,12 +77,23 @@ func (r *Report) Write(w io.Writer) {
 	tw := tabwriter.NewWriter(w, 0, 0, 3, ' ', 0)
 	row := func(k, format string, args ...any) { fmt.Fprintf(tw, "  %s\t%s\n", k, fmt.Sprintf(format, args...)) }
 	fmt.Fprintf(w, "\nTroupe chaos: seed %d, %v of workload on %s\n", r.Seed, r.Duration, strings.Join(r.Examples, " and "))
+	if slices.Contains(r.Examples, Shop) {
+		fmt.Fprintf(w, "  the shop's CreateOrder runs %s\n", r.ShopMode)
+	}
 	fmt.Fprintf(w, "  %s\n\n", r.Setup)
-	row("sagas run", "%d", r.Sagas())
+	label := "sagas run"
+	if r.ShopMode == order.Choreographed && slices.Contains(r.Examples, Shop) {
+		label = "sagas and choreographed flows run"
+	}
+	row(label, "%d", r.Sagas())
 	for _, e := range r.Examples {
 		c := r.Counts[e]
 		row("  "+e+" orders", "%s", counted(c.Orders))
-		row("  "+e+" sagas", "%s", counted(c.Sagas))
+		if len(c.Flows) > 0 {
+			row("  "+e+" flows (choreographed)", "%s", counted(c.Flows))
+		} else {
+			row("  "+e+" sagas", "%s", counted(c.Sagas))
+		}
 	}
 	row("orders taken over HTTP", "%d (%d seen ending by their client)", r.Clients.Taken, r.Clients.Ended)
 	row("  requests failed, sent again", "%d (a process down or restarting; the same Idempotency-Key each time)", r.Clients.Failed)
@@ -102,7 +122,7 @@ func (r *Report) Write(w io.Writer) {
 		fmt.Fprintf(w, "  stuck: %s\n", s)
 	}
 	if len(r.Violations) > 0 {
-		fmt.Fprintf(w, "  reproduce with: troupe chaos --duration %v --seed %d --examples %s\n", r.Duration, r.Seed, strings.Join(r.Examples, ","))
+		fmt.Fprintf(w, "  reproduce with: troupe chaos --duration %v --seed %d --examples %s --shop-mode %s\n", r.Duration, r.Seed, strings.Join(r.Examples, ","), r.ShopMode)
 		if r.Dir != "" {
 			fmt.Fprintf(w, "  the processes' logs are in %s\n", r.Dir)
 		}

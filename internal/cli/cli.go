@@ -224,6 +224,7 @@ func runChaos(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.DurationVar(&cfg.Duration, "duration", 2*time.Minute, "how long the workload runs while faults are injected")
 	fs.Uint64Var(&cfg.Seed, "seed", 0, "seed of the workload and the fault schedule (default: from the clock; the report prints it)")
 	examples := fs.String("examples", "shop,delivery", "examples to run: shop, delivery, or both")
+	shopMode := fs.String("shop-mode", string(order.Orchestrated), "how the shop runs CreateOrder: orchestrated (a saga) or choreographed (events)")
 	fs.IntVar(&cfg.Clients, "clients", 6, "clients placing orders at once, per example")
 	fs.DurationVar(&cfg.FaultEvery, "fault-every", 3*time.Second, "mean time between two process faults")
 	fs.Float64Var(&cfg.Duplicate, "duplicate", 0.05, "share of messages each service's broker publishes twice")
@@ -236,6 +237,7 @@ func runChaos(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
 	}
 	cfg.Examples = strings.Split(*examples, ",")
+	cfg.ShopMode = order.Mode(*shopMode)
 	cfg.Progress = stdout
 	fmt.Fprintf(stdout, "troupe chaos: %v of orders while processes are killed; seed %s\n", cfg.Duration, seedText(cfg.Seed))
 	rep, err := chaos.Run(ctx, cfg)
