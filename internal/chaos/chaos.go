@@ -157,6 +157,7 @@ type run struct {
 	procs   map[string]*proc // the services, by role
 	roles   []string         // the services' roles, in a fixed order
 	urls    map[string]string
+	natsURL string
 	clients []*client
 
 	mu     sync.Mutex
@@ -262,6 +263,9 @@ func Run(ctx context.Context, cfg Config) (_ *Report, err error) {
 	if rep.Counts, err = r.count(runCtx); err != nil {
 		return nil, err
 	}
+	if rep.DeadLettered, err = r.deadLettered(runCtx); err != nil {
+		return nil, err
+	}
 
 	for _, p := range r.all() {
 		p.stop()
@@ -339,6 +343,7 @@ func (r *run) startProcesses(ctx context.Context, supervisors *sync.WaitGroup) e
 		return err
 	}
 	natsURL := "nats://" + natsAddr
+	r.natsURL = natsURL
 	r.nats = newProc(RoleNATS, (&nodeConfig{role: RoleNATS, addr: natsAddr, dir: filepath.Join(r.dir, "nats")}).args(),
 		r.cfg.Command, filepath.Join(r.dir, "nats.log"))
 	r.roles = r.services()

@@ -76,8 +76,11 @@ func TestRun_ProcessesKilledBrokerAndDatabaseCrashedNothingLostNothingTwice(t *t
 		for _, v := range rep.Counts[e].Sagas {
 			n += v
 		}
+		for _, v := range rep.Counts[e].Flows {
+			n += v
+		}
 		if n == 0 {
-			t.Errorf("no %s saga ran", e)
+			t.Errorf("no %s saga or flow ran", e)
 		}
 	}
 	if len(rep.Violations) > 0 {
@@ -90,9 +93,11 @@ func TestRun_ProcessesKilledBrokerAndDatabaseCrashedNothingLostNothingTwice(t *t
 }
 
 func TestRun_InvalidConfigSaysWhatIsWrong(t *testing.T) {
-	_, err := chaos.Run(context.Background(), chaos.Config{Examples: []string{"bank"}, Duplicate: 2, Command: nodeCommand})
-	if err == nil || !strings.Contains(err.Error(), `unknown example "bank"`) || !strings.Contains(err.Error(), "Duplicate 2") {
-		t.Errorf("err = %v, want both problems named", err)
+	_, err := chaos.Run(context.Background(), chaos.Config{Examples: []string{"bank"}, Duplicate: 2, ShopMode: "improvised", Command: nodeCommand})
+	for _, want := range []string{`unknown example "bank"`, "Duplicate 2", `unknown mode "improvised"`} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("err = %v, want it to name %s", err, want)
+		}
 	}
 }
 
@@ -102,6 +107,7 @@ func TestRunNode_RefusesAnIncompleteCommandLine(t *testing.T) {
 		{"--role", "nats"},
 		{"--role", "shop-order", "--addr", "127.0.0.1:0"},
 		{"--role", "delivery-order", "--db", "postgres://x", "--nats", "nats://x", "--addr", "127.0.0.1:0"},
+		{"--role", "shop-order", "--db", "postgres://x", "--nats", "nats://x", "--addr", "127.0.0.1:0", "--shop-mode", "improvised"},
 	} {
 		var stderr bytes.Buffer
 		if err := chaos.RunNode(context.Background(), args, &bytes.Buffer{}, &stderr); err == nil {

@@ -4,10 +4,15 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/troupedev/troupe/examples/delivery"
 	"github.com/troupedev/troupe/examples/shop"
+	"github.com/troupedev/troupe/sqldb"
 )
 
 // isLiveness tells whether an invariant holds only once the system has
@@ -171,6 +176,59 @@ func (r *run) unfinished(ctx context.Context) []string {
 		}
 		rows.Close()
 	}
+	return append(out, r.pendingShopOrders(ctx)...)
+}
+
+// pendingShopOrders describes a few shop orders still PENDING: the
+// messages each service's outbox holds about it, and what the Customer's
+// barrier and the flow tracker recorded.
+func (r *run) pendingShopOrders(ctx context.Context) []string {
+	orderDB, customerDB := r.db(RoleShopOrder), r.db(RoleShopCustomer)
+	if orderDB == nil || customerDB == nil {
+		return nil
+	}
+	rows, err := orderDB.Query(ctx, `SELECT id FROM shop_orders WHERE state = 'PENDING' ORDER BY created_at LIMIT 3`)
+	if err != nil {
+		return nil
+	}
+	var ids []string
+	for rows.Next() {
+		var id string
+		if rows.Scan(&id) == nil {
+			ids = append(ids, id)
+		}
+	}
+	rows.Close()
+	list := func(db *sqldb.DB, q, id string) string {
+		var s string
+		if err := db.QueryRow(ctx, q, id).Scan(&s); err != nil {
+			return "(" + err.Error() + ")"
+		}
+		return "[" + s + "]"
+	}
+	var out []string
+	for _, id := range ids {
+		var msgIDs []string
+		if rows, err := orderDB.Query(ctx, `SELECT id FROM troupe_outbox WHERE subject = $1 ORDER BY seq`, id); err == nil {
+			for rows.Next() {
+				var m string
+				if rows.Scan(&m) == nil {
+					msgIDs = append(msgIDs, m)
+				}
+			}
+			rows.Close()
+		}
+		var claims []string
+		for _, m := range msgIDs {
+			claims = append(claims, m+": "+list(customerDB, `SELECT COALESCE(string_agg(consumer || ' at ' || handled_at::text, ', '), 'not claimed') FROM troupe_inbox WHERE message_id = $1`, m))
+		}
+		out = append(out, fmt.Sprintf("shop order %s is PENDING: Order outbox %s (Customer inbox: %s), Customer outbox %s, Customer barrier %s, flow events %s", id,
+			list(orderDB, `SELECT COALESCE(string_agg(topic || ' ' || CASE WHEN delivered_at IS NULL THEN 'pending' ELSE 'delivered' END, ', ' ORDER BY seq), '') FROM troupe_outbox WHERE subject = $1`, id),
+			strings.Join(claims, "; "),
+			list(customerDB, `SELECT COALESCE(string_agg(topic || ' ' || CASE WHEN delivered_at IS NULL THEN 'pending' ELSE 'delivered' END, ', ' ORDER BY seq), '') FROM troupe_outbox WHERE subject = $1`, id),
+			list(customerDB, `SELECT COALESCE(string_agg(op || '/' || origin, ', '), '') FROM troupe_barrier WHERE saga_id = $1`, id),
+			list(orderDB, `SELECT COALESCE(string_agg(type || ' (' || role || ')', ', ' ORDER BY msg_time), '') FROM troupe_flow_events WHERE flow_id = $1`, id)))
+	}
 	return out
 }
 
@@ -223,4 +281,29 @@ func (r *run) checkAcknowledged(ctx context.Context) ([]string, error) {
 		}
 	}
 	return out, nil
+}
+
+// deadLettered counts the messages in the broker's dead-letter topics, by
+// topic. No message of a chaos run is poison, so each one is a message a
+// consumer gave up on because of the faults (its deliveries spent on
+// crashes and outages): a saga resends its command and recovers, a
+// choreography does not.
+func (r *run) deadLettered(ctx context.Context) (map[string]int, error) {
+	nc, err := nats.Connect(r.natsURL, nats.Timeout(10*time.Second))
+	if err != nil {
+		return nil, fmt.Errorf("chaos: connect to the NATS server: %w", err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]int{}
+	streams := js.ListStreams(ctx)
+	for si := range streams.Info() {
+		if strings.HasSuffix(si.Config.Name, "_dlq") && si.State.Msgs > 0 {
+			out[si.Config.Name] = int(si.State.Msgs)
+		}
+	}
+	return out, streams.Err()
 }

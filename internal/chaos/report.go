@@ -38,6 +38,11 @@ type Report struct {
 	// started again each time). They are not violations: a service may
 	// exit when its database is gone, as long as nothing is lost.
 	Exits []string
+	// DeadLettered counts the messages in the broker's dead-letter topics,
+	// by topic: messages a consumer gave up on after its deliveries were
+	// spent on the faults (none is poison). Not a violation by itself:
+	// what it broke, if anything, shows in the invariants.
+	DeadLettered map[string]int
 	// Quiesce is how long it took, after the workload, for every order
 	// and saga to end and every message to be delivered.
 	Quiesce time.Duration
@@ -109,6 +114,7 @@ func (r *Report) Write(w io.Writer) {
 	row("  messages published twice", "%d of %d published (%d of the copies late; every batch shuffled)",
 		r.Messages.Duplicated, r.Messages.Published, r.Messages.Delayed)
 	row("  deliveries and calls failed on purpose", "%d", r.Messages.Failed)
+	row("messages dead-lettered", "%s", counted(r.DeadLettered))
 	row("processes that exited on their own", "%d", len(r.Exits))
 	row("time to quiesce", "%.1fs", r.Quiesce.Seconds())
 	tw.Flush()
