@@ -8,6 +8,7 @@ import (
 	"runtime/debug"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/troupedev/troupe/broker"
 	"github.com/troupedev/troupe/message"
@@ -131,7 +132,7 @@ func (ib *Inbox) handleBatch(ctx context.Context, consumer string, h HandlerFunc
 			first[k] = true
 		}
 	}
-	res := ib.handle(ctx, consumer, h, batch, pre)
+	res := ib.hold(ctx, consumer, h, batch, ib.handle(ctx, consumer, h, batch, pre))
 	if ib.cfg.AfterCommit != nil && slices.ContainsFunc(res, func(r result) bool { return r.outcome == handled }) {
 		ib.cfg.AfterCommit()
 	}
@@ -151,6 +152,39 @@ func (ib *Inbox) handleBatch(ctx context.Context, consumer string, h HandlerFunc
 			d.Nak(ib.cfg.Backoff(d.Attempt))
 		}
 	}
+}
+
+// hold tries again, for up to OutageHold, the messages of res that were
+// not committed because the database could not be reached, and returns
+// the results once none is left so or the hold is over (ctx ended, or
+// OutageHold passed).
+func (ib *Inbox) hold(ctx context.Context, consumer string, h HandlerFunc, batch []*broker.Delivery, res []result) []result {
+	undone := func(r result) bool { return r.outcome == notCommitted }
+	if ib.cfg.OutageHold <= 0 || !slices.ContainsFunc(res, undone) {
+		return res
+	}
+	until := time.Now().Add(ib.cfg.OutageHold)
+	for n := 1; slices.ContainsFunc(res, undone); n++ {
+		wait := min(ib.cfg.Backoff(n), time.Until(until))
+		if wait <= 0 {
+			break
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return res
+		case <-t.C:
+		}
+		again := slices.Clone(res)
+		for i := range again {
+			if undone(again[i]) {
+				again[i] = result{}
+			}
+		}
+		res = ib.handle(ctx, consumer, h, batch, again)
+	}
+	return res
 }
 
 // handle runs the batch's messages that pre leaves undecided, and returns

@@ -38,6 +38,7 @@ func Migrate(ctx context.Context, db *sqldb.DB) error {
 const (
 	DefaultRetention      = 7 * 24 * time.Hour
 	DefaultPruneInterval  = time.Hour
+	DefaultOutageHold     = time.Minute
 	DefaultPruneBatchSize = 1000
 )
 
@@ -56,6 +57,18 @@ type Config struct {
 	// reason that names the attempt but not the error. Set it to the
 	// subscription's MaxDeliver to keep the error in the dead letter.
 	MaxAttempts int
+
+	// OutageHold is how long Handler holds a batch whose messages could not
+	// be written because the database could not be reached (a transaction
+	// could not begin or commit, for no fault of the messages), trying it
+	// again after each Backoff, before it hands the messages back to the
+	// broker (Nak). The messages are not at fault, so holding them spends
+	// none of their deliveries, which a broker counts toward dead-lettering
+	// (broker/natsjs's MaxDeliver): a database restart does not dead-letter
+	// the messages in flight. The broker keeps held messages in progress.
+	// A subscription's Stop ends the hold at once. Default 1 minute;
+	// negative: hand them back at once.
+	OutageHold time.Duration
 
 	// Retention is how long an inbox row is kept after its message was
 	// handled: a copy of the message delivered later than that is handled
@@ -93,6 +106,9 @@ func (cfg Config) withDefaults() Config {
 	}
 	if cfg.Retention == 0 {
 		cfg.Retention = DefaultRetention
+	}
+	if cfg.OutageHold == 0 {
+		cfg.OutageHold = DefaultOutageHold
 	}
 	if cfg.PruneInterval == 0 {
 		cfg.PruneInterval = DefaultPruneInterval

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
+	"net/url"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -597,7 +599,8 @@ func TestHandler_BatchIsNakedWhenTheDatabaseIsClosed(t *testing.T) {
 	forEachDB(t, func(t *testing.T, db testDB) {
 		ctx := context.Background()
 		other := open(t, db.url)
-		ib := newInbox(t, other, inbox.Config{Backoff: fixedBackoff.Delay})
+		// Held for a moment (OutageHold), then handed back.
+		ib := newInbox(t, other, inbox.Config{Backoff: fixedBackoff.Delay, OutageHold: 250 * time.Millisecond})
 		h := ib.Handler("billing", func(ctx context.Context, tx sqldb.Tx, m *message.Message) error {
 			return applyEffect(ctx, tx, "billing", m)
 		})
@@ -716,4 +719,90 @@ func TestHandler_AfterCommitRunsOncePerCommittedBatchThatHandledSomething(t *tes
 			t.Fatalf("AfterCommit saw %v (effects visible at each call), want one call seeing 3", seen)
 		}
 	})
+}
+
+func TestHandler_HoldsABatchWhileTheDatabaseIsUnreachableSpendingNoDelivery(t *testing.T) {
+	// PostgreSQL refuses connections to the database for a while, as
+	// during a restart: the batch is held and handled once it is back, not
+	// handed back to the broker, whose deliveries lead to dead-lettering.
+	db := openDB(t, "postgres")
+	ctx := context.Background()
+	u, err := url.Parse(db.url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u.Path = "/postgres"
+	admin := open(t, u.String())
+	other := open(t, db.url)
+	var log logLines
+	ib := newInbox(t, other, inbox.Config{Backoff: func(int) time.Duration { return 20 * time.Millisecond },
+		Logger: slog.New(slog.NewTextHandler(&log, nil))})
+	h := ib.Handler("billing", func(ctx context.Context, tx sqldb.Tx, m *message.Message) error {
+		return applyEffect(ctx, tx, "billing", m)
+	})
+	name := dbName(t, db.DB)
+	refuse := func(allow bool) {
+		t.Helper()
+		if _, err := admin.Exec(ctx, fmt.Sprintf(`ALTER DATABASE %q ALLOW_CONNECTIONS %t`, name, allow)); err != nil {
+			t.Fatal(err)
+		}
+		if !allow {
+			if _, err := admin.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()`, name); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	refuse(false)
+	t.Cleanup(func() { refuse(true) })
+	msgs := newMessages(3)
+	ds := deliveries(1, msgs...)
+	done := make(chan struct{})
+	go func() { defer close(done); h(ctx, ds) }()
+	waitFor(t, "the handler to fail to reach the database twice", func() bool {
+		select {
+		case <-done:
+			t.Fatal("the handler returned while the database refused connections")
+		default:
+		}
+		return log.count("not committed") >= 2
+	})
+	refuse(true)
+	<-done
+	wantAllSettled(t, ds, broker.Acked)
+	got := effects(t, open(t, db.url)) // db's idle connections were terminated too
+	for _, m := range msgs {
+		if got[m.ID] != 1 {
+			t.Errorf("message %s has %d effects after the database came back, want 1", m.ID, got[m.ID])
+		}
+	}
+}
+
+// dbName returns the name of db's database.
+func dbName(t *testing.T, db *sqldb.DB) string {
+	t.Helper()
+	var name string
+	if err := db.QueryRow(context.Background(), `SELECT current_database()`).Scan(&name); err != nil {
+		t.Fatal(err)
+	}
+	return name
+}
+
+// logLines is an io.Writer for a logger, safe for concurrent use, whose
+// lines can be counted.
+type logLines struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *logLines) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+// count returns how many times s was written.
+func (l *logLines) count(s string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Count(l.b.String(), s)
 }
