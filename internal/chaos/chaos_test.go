@@ -14,6 +14,7 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/troupedev/troupe/examples/shop/order"
 	"github.com/troupedev/troupe/internal/chaos"
 )
 
@@ -51,8 +52,11 @@ func TestRun_ProcessesKilledBrokerAndDatabaseCrashedNothingLostNothingTwice(t *t
 		Seed:       7,
 		FaultEvery: 2 * time.Second,
 		Clients:    3,
-		Command:    nodeCommand,
-		Progress:   &progress,
+		// CI's two-minute run is orchestrated: this one covers the
+		// choreography.
+		ShopMode: order.Choreographed,
+		Command:  nodeCommand,
+		Progress: &progress,
 	})
 	if err != nil {
 		t.Fatal(err)
