@@ -103,13 +103,19 @@ func (r *run) count(ctx context.Context) (map[string]Counts, error) {
 			orderDB, table = r.db(RoleDeliveryOrder), "delivery_orders"
 		}
 		c := Counts{Orders: map[string]int{}, Sagas: map[string]int{}, Flows: map[string]int{}}
-		for _, q := range []struct {
+		type query struct {
 			sql string
 			m   map[string]int
-		}{
+		}
+		queries := []query{
 			{`SELECT state, count(*) FROM ` + table + ` GROUP BY state`, c.Orders},
 			{`SELECT status, count(*) FROM troupe_sagas GROUP BY status`, c.Sagas},
-		} {
+		}
+		if e == Shop {
+			// The choreographed shop's business transactions are flows.
+			queries = append(queries, query{`SELECT status, count(*) FROM troupe_flows GROUP BY status`, c.Flows})
+		}
+		for _, q := range queries {
 			rows, err := orderDB.Query(ctx, q.sql)
 			if err != nil {
 				return nil, fmt.Errorf("chaos: count %s: %w", e, err)
@@ -122,25 +128,6 @@ func (r *run) count(ctx context.Context) (map[string]Counts, error) {
 					return nil, err
 				}
 				q.m[k] = n
-			}
-			if err := rows.Close(); err != nil {
-				return nil, err
-			}
-		}
-		if e == Shop {
-			// The choreographed shop's business transactions are flows.
-			rows, err := orderDB.Query(ctx, `SELECT status, count(*) FROM troupe_flows GROUP BY status`)
-			if err != nil {
-				return nil, fmt.Errorf("chaos: count %s: %w", e, err)
-			}
-			for rows.Next() {
-				var k string
-				var n int
-				if err := rows.Scan(&k, &n); err != nil {
-					rows.Close()
-					return nil, err
-				}
-				c.Flows[k] = n
 			}
 			if err := rows.Close(); err != nil {
 				return nil, err
