@@ -128,3 +128,85 @@ func TestExecLater_InACallersTransactionRunsAtOnce(t *testing.T) {
 		}
 	})
 }
+
+func TestExecLater_RollbackToAQueuedSavepointKeepsWhatWasQueuedBeforeIt(t *testing.T) {
+	forEachDialect(t, func(t *testing.T, dc dialectCase) {
+		db := laterDB(t, dc)
+		ctx := testCtx(t)
+		err := db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+			for _, q := range []string{
+				`INSERT INTO notes (id, body) VALUES (1, 'before the savepoint')`,
+				`SAVEPOINT s`,
+				`INSERT INTO notes (id, body) VALUES (2, 'after the savepoint')`,
+			} {
+				if err := sqldb.ExecLater(ctx, tx, q); err != nil {
+					return err
+				}
+			}
+			_, err := tx.Exec(ctx, `ROLLBACK TO SAVEPOINT s`)
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var body string
+		if err := db.QueryRow(ctx, `SELECT string_agg(body, ',') FROM notes`).Scan(&body); err != nil {
+			t.Fatal(err)
+		}
+		if body != "before the savepoint" {
+			t.Errorf("committed %q, want only the note queued before the savepoint", body)
+		}
+	})
+}
+
+func TestInTx_ACommitThatRollsBackIsAnError(t *testing.T) {
+	forEachDialect(t, func(t *testing.T, dc dialectCase) {
+		if dc.dialect != sqldb.Postgres {
+			t.Skip("on SQLite a failed statement does not abort the transaction")
+		}
+		db := laterDB(t, dc)
+		ctx := testCtx(t)
+		for _, queuedAfter := range []bool{false, true} {
+			err := db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+				if _, err := tx.Exec(ctx, `INSERT INTO notes (id, body) VALUES (1, 'kept?')`); err != nil {
+					return err
+				}
+				// A handler that ignores its statement's failure: the
+				// transaction is aborted, and its COMMIT rolls it back.
+				_, _ = tx.Exec(ctx, `INSERT INTO notes (id, body) VALUES (1, 'duplicate')`)
+				if queuedAfter {
+					return sqldb.ExecLater(ctx, tx, `INSERT INTO notes (id, body) VALUES (3, 'queued')`)
+				}
+				return nil
+			})
+			if err == nil {
+				t.Errorf("queued after: %v: InTx returned nil for a transaction that rolled back", queuedAfter)
+			}
+			if n := count(t, db, "notes"); n != 0 {
+				t.Errorf("queued after: %v: %d notes committed, want 0", queuedAfter, n)
+			}
+		}
+	})
+}
+
+func TestInTx_ATransactionThatRanNothingCommits(t *testing.T) {
+	forEachDialect(t, func(t *testing.T, dc dialectCase) {
+		db := laterDB(t, dc)
+		ctx := testCtx(t)
+		for range 3 {
+			if err := db.InTx(ctx, func(context.Context, sqldb.Tx) error { return nil }); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// The connections went back to the pool usable.
+		err := db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+			return sqldb.ExecLater(ctx, tx, `INSERT INTO notes (id, body) VALUES (1, 'after')`)
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n := count(t, db, "notes"); n != 1 {
+			t.Errorf("%d notes, want 1", n)
+		}
+	})
+}

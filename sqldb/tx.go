@@ -104,7 +104,11 @@ func FromPgx(tx pgx.Tx) Tx {
 // change. Transactions of one DB queue for the lock in order; a writer in
 // another process waits for it up to Config.BusyTimeout. On PostgreSQL the
 // transaction runs at READ COMMITTED: lock the rows you read to update them
-// (SELECT ... FOR UPDATE).
+// (SELECT ... FOR UPDATE). Its BEGIN is sent with its first statement, and
+// its COMMIT with the writes ExecLater queued last, so that a transaction
+// costs one round trip per statement whose result it reads, plus one for
+// the commit when writes are queued after the last of them; a transaction
+// that ran no statement sends nothing.
 //
 // Inside fn, use tx, not db: on SQLite a statement on db would wait for the
 // lock fn's own transaction holds, and a nested InTx on the same DB fails.
@@ -113,12 +117,12 @@ func (db *DB) InTx(ctx context.Context, fn func(ctx context.Context, tx Tx) erro
 		// READ COMMITTED whatever the server's default_transaction_isolation:
 		// Migrate relies on reading, after taking its lock, what the holder
 		// before it committed.
-		ptx, err := db.pool.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.ReadCommitted})
+		pt, err := beginPipeTx(ctx, db.pool)
 		if err != nil {
 			return fmt.Errorf("sqldb: begin transaction: %w", err)
 		}
-		pt := &pipeTx{tx: ptx}
-		return runTx(ctx, pt, fn, pt.commit, ptx.Rollback)
+		defer pt.release()
+		return runTx(ctx, pt, fn, pt.commit, pt.rollback)
 	}
 	if ctx.Value(inTxKey{db}) != nil {
 		// It would wait forever for the lock its caller holds.
