@@ -48,6 +48,11 @@ type Relay struct {
 	// published is, per partition, the highest seq the relay published (on
 	// SQLite; see read). Used by the loop's goroutine only.
 	published map[int]int64
+
+	// reader is the connection the relay reads pending rows through on
+	// PostgreSQL (see read), nil until the first read or after it failed.
+	// Used by the loop's goroutine only.
+	reader *pgx.Conn
 }
 
 // NewRelay returns a relay that publishes db's outbox to pub. The outbox's
@@ -117,6 +122,7 @@ func (r *Relay) Run(ctx context.Context) error {
 	markerDone := make(chan struct{})
 	go func() { defer close(markerDone); marks.run(ctx) }()
 	r.loop(ctx)
+	r.closeReader()
 	marks.stop()
 	<-markerDone
 	return nil
@@ -339,41 +345,30 @@ func (r *Relay) read(ctx context.Context, parts []int, skip []int64) ([]pending,
 	}
 	var out []pending
 	perPart := map[int]int{}
-	read := func(ctx context.Context, tx sqldb.Tx) error {
-		out = out[:0]
-		clear(perPart)
-		if tx.Dialect() == sqldb.Postgres {
-			// Walk each partition's pending index in seq order and stop at
-			// the limit. Without this, a planner working from stale
-			// statistics (a table that just grew a backlog) picks a bitmap
-			// scan that reads and sorts the partition's whole backlog every
-			// round.
-			if _, err := tx.Exec(ctx, "SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off"); err != nil {
-				return err
-			}
-		}
-		rows, err := tx.Query(ctx, q.String(), args...)
-		if err != nil {
-			return err
-		}
+	scan := func(rows interface {
+		Next() bool
+		Scan(...any) error
+	}) error {
 		for rows.Next() {
 			var p pending
 			if err := rows.Scan(&p.Seq, &p.ID, &p.Topic, &p.Subject, &p.Partition, &p.Envelope); err != nil {
-				rows.Close()
 				return err
 			}
 			perPart[p.Partition]++
 			out = append(out, p)
 		}
-		return rows.Close()
+		return nil
 	}
 	var err error
 	if pg {
-		err = r.db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error { return read(ctx, tx) })
+		err = r.readPostgres(ctx, q.String(), args, scan)
 	} else {
 		// Not in a transaction: on SQLite it would take the write lock,
 		// which the writers need. (A DB runs the Tx methods outside any.)
-		err = read(ctx, r.db)
+		var rows sqldb.Rows
+		if rows, err = r.db.Query(ctx, q.String(), args...); err == nil {
+			err = errors.Join(scan(rows), rows.Close())
+		}
 	}
 	if err != nil {
 		return nil, false, fmt.Errorf("outbox: read pending rows: %w", err)
@@ -386,6 +381,55 @@ func (r *Relay) read(ctx context.Context, parts []int, skip []int64) ([]pending,
 		}
 	}
 	return out, full, nil
+}
+
+// readPostgres runs the pending rows' query q through the relay's reader
+// connection, connecting it first if needed, and hands its rows to scan.
+//
+// The reader walks each partition's pending index in seq order and stops at
+// the limit: its session has bitmap and sequential scans turned off.
+// Without that, a planner working from stale statistics (a table that just
+// grew a backlog) picks a bitmap scan that reads and sorts the partition's
+// whole backlog every round. A connection of its own keeps those settings
+// out of the pool, and lets a read be one statement, not a transaction of
+// four. A reader whose read failed is closed; the next read connects anew.
+func (r *Relay) readPostgres(ctx context.Context, q string, args []any, scan func(rows interface {
+	Next() bool
+	Scan(...any) error
+}) error) error {
+	if r.reader == nil {
+		cfg := r.db.Pool().Config().ConnConfig.Copy()
+		if cfg.RuntimeParams == nil {
+			cfg.RuntimeParams = map[string]string{}
+		}
+		cfg.RuntimeParams["enable_bitmapscan"] = "off"
+		cfg.RuntimeParams["enable_seqscan"] = "off"
+		conn, err := pgx.ConnectConfig(ctx, cfg)
+		if err != nil {
+			return err
+		}
+		r.reader = conn
+	}
+	rows, err := r.reader.Query(ctx, q, args...)
+	if err == nil {
+		err = scan(rows)
+		rows.Close()
+		err = errors.Join(err, rows.Err())
+	}
+	if err != nil {
+		r.closeReader()
+	}
+	return err
+}
+
+// closeReader closes the reader connection, if any.
+func (r *Relay) closeReader() {
+	if r.reader != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		r.reader.Close(ctx)
+		r.reader = nil
+	}
 }
 
 // listen holds a connection LISTENing on the outbox channel and wakes the

@@ -395,3 +395,33 @@ func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool)
 		<-tick.C
 	}
 }
+
+func TestRelay_GoesOnAfterItsConnectionsAreCut(t *testing.T) {
+	db, url := openDB(t, "postgres")
+	b := startNATS(t, t.TempDir(), "")
+	c := newConsumer(t)
+	c.subscribe(t, b, "shop.orders")
+	r, err := outbox.NewRelay(db, b, outbox.RelayConfig{Mode: outbox.Poll, PollInterval: 10 * time.Millisecond,
+		MinBackoff: time.Millisecond, MaxBackoff: 10 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runRelay(t, r)
+	writeOrdered(t, db, "shop.orders", []string{"order-1"}, 1, 1)
+	c.waitEffects(t, 1, 10*time.Second)
+
+	// Every connection of the relay's database is cut: the pool's, the
+	// LISTEN one's, and the one it reads pending rows through.
+	admin, err := sqldb.Open(context.Background(), url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	if _, err := admin.Exec(context.Background(), `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+		WHERE datname = current_database() AND pid <> pg_backend_pid()`); err != nil {
+		t.Fatal(err)
+	}
+	writeOrdered(t, admin, "shop.orders", []string{"order-2"}, 1, 1)
+	c.waitEffects(t, 2, 10*time.Second)
+	waitFor(t, 10*time.Second, "every row marked delivered", func() bool { return pendingRows(t, admin) == 0 })
+}
