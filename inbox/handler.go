@@ -94,8 +94,52 @@ func (ib *Inbox) Handler(consumer string, h HandlerFunc) broker.Handler {
 		panic("inbox: Handler needs a HandlerFunc")
 	}
 	return func(ctx context.Context, batch []*broker.Delivery) {
-		ib.handleBatch(ctx, consumer, h, batch)
+		ib.handleBatch(ctx, consumer, handlers{one: h}, batch)
 	}
+}
+
+// BatchHandlerFunc applies the effects of several messages through tx, the
+// transaction in which the inbox records them as handled, set-wise: a
+// statement for the lot where a HandlerFunc would run one per message. Each
+// message's effect must be the one h (the HandlerFunc given with it to
+// BatchHandler) would apply, and in the same order. It must not commit or
+// roll back tx, nor use tx after returning.
+//
+// ctx carries no message as the cause (message.CauseFrom): messages it adds
+// to an outbox should inherit their cause's correlation id, causation id
+// and trace parent through message.InheritCause with a context made by
+// message.WithCause for the message that caused them.
+type BatchHandlerFunc func(ctx context.Context, tx sqldb.Tx, msgs []*message.Message) error
+
+// BatchHandler is Handler, but the messages of a batch are handled
+// together by hb in the first try: after the claim (step 1 of Handler),
+// hb(ctx, tx, claimed) runs once with the claimed messages in batch order
+// (when there are at least two; one runs through h). If hb fails or
+// panics, the transaction rolls back whole and the batch runs again as
+// Handler runs it after a failure: each message under a savepoint of its
+// own, through h, so that the messages that fail are told apart from the
+// others. If the transaction cannot commit, each message runs alone through
+// h. So hb handles the common case in fewer statements, and h decides the
+// outcome of each message when something goes wrong.
+//
+// BatchHandler panics if consumer is empty or hb or h is nil.
+func (ib *Inbox) BatchHandler(consumer string, hb BatchHandlerFunc, h HandlerFunc) broker.Handler {
+	if consumer == "" {
+		panic("inbox: BatchHandler needs a consumer name")
+	}
+	if hb == nil || h == nil {
+		panic("inbox: BatchHandler needs a BatchHandlerFunc and a HandlerFunc")
+	}
+	return func(ctx context.Context, batch []*broker.Delivery) {
+		ib.handleBatch(ctx, consumer, handlers{one: h, batch: hb}, batch)
+	}
+}
+
+// handlers are a subscription's handlers: one per message, and optionally
+// one for a whole batch (see BatchHandler).
+type handlers struct {
+	one   HandlerFunc
+	batch BatchHandlerFunc
 }
 
 // outcome is what became of one message of a batch.
@@ -116,7 +160,7 @@ type result struct {
 	err     error
 }
 
-func (ib *Inbox) handleBatch(ctx context.Context, consumer string, h HandlerFunc, batch []*broker.Delivery) {
+func (ib *Inbox) handleBatch(ctx context.Context, consumer string, h handlers, batch []*broker.Delivery) {
 	// Decided before any transaction: messages without an id, and second
 	// copies of a message.
 	pre := make([]result, len(batch))
@@ -158,7 +202,7 @@ func (ib *Inbox) handleBatch(ctx context.Context, consumer string, h HandlerFunc
 // not committed because the database could not be reached, and returns
 // the results once none is left so or the hold is over (ctx ended, or
 // OutageHold passed).
-func (ib *Inbox) hold(ctx context.Context, consumer string, h HandlerFunc, batch []*broker.Delivery, res []result) []result {
+func (ib *Inbox) hold(ctx context.Context, consumer string, h handlers, batch []*broker.Delivery, res []result) []result {
 	undone := func(r result) bool { return r.outcome == notCommitted }
 	if ib.cfg.OutageHold <= 0 || !slices.ContainsFunc(res, undone) {
 		return res
@@ -191,11 +235,14 @@ func (ib *Inbox) hold(ctx context.Context, consumer string, h HandlerFunc, batch
 // every delivery's result: the first run without savepoints, the second
 // with them if a handler failed, and one transaction per message if the
 // batch's transaction cannot commit.
-func (ib *Inbox) handle(ctx context.Context, consumer string, h HandlerFunc, batch []*broker.Delivery, pre []result) []result {
+func (ib *Inbox) handle(ctx context.Context, consumer string, h handlers, batch []*broker.Delivery, pre []result) []result {
 	res, err := ib.run(ctx, consumer, h, batch, pre, false)
 	if hf := (*handlerFailure)(nil); errors.As(err, &hf) {
 		pre = slices.Clone(pre)
-		if abortedBefore(hf.err) {
+		if hf.i < 0 {
+			ib.cfg.Logger.Info("inbox: the batch handler failed; running the batch again message by message with savepoints",
+				"consumer", consumer, "messages", len(batch), "err", hf.err)
+		} else if abortedBefore(hf.err) {
 			ib.cfg.Logger.Info("inbox: a handler found the transaction aborted by an earlier one; running the batch again with savepoints",
 				"consumer", consumer, "id", batch[hf.i].Msg.ID, "err", hf.err)
 		} else {
@@ -219,7 +266,7 @@ func (ib *Inbox) handle(ctx context.Context, consumer string, h HandlerFunc, bat
 // cause). A message that cannot commit alone fails with its commit's error.
 // Once a transaction fails otherwise (the database is unreachable, ctx has
 // ended), the remaining messages are not tried: they are not committed.
-func (ib *Inbox) isolate(ctx context.Context, consumer string, h HandlerFunc, batch []*broker.Delivery, pre []result, cause error) []result {
+func (ib *Inbox) isolate(ctx context.Context, consumer string, h handlers, batch []*broker.Delivery, pre []result, cause error) []result {
 	ib.cfg.Logger.Warn("inbox: batch applied but not committed; handling its messages one per transaction",
 		"consumer", consumer, "messages", len(batch), "err", cause)
 	res := slices.Clone(pre)
@@ -255,7 +302,8 @@ func undecidedNotCommitted(res []result) []result {
 }
 
 // handlerFailure ends a run without savepoints: the handler of the batch's
-// i-th message failed with err, and the transaction rolled back.
+// i-th message failed with err, and the transaction rolled back. i is -1
+// when the batch handler failed: no message is to blame yet.
 type handlerFailure struct {
 	i   int
 	err error
@@ -282,7 +330,8 @@ var errAloneFailed = errors.New("inbox: the batch's only message to handle faile
 // runs under a savepoint and a failure undoes that message alone. A
 // transaction whose handlers all ran but that did not commit ends with a
 // *commitFailure; any other error means nothing was applied.
-func (ib *Inbox) run(ctx context.Context, consumer string, h HandlerFunc, batch []*broker.Delivery, pre []result, savepoints bool) ([]result, error) {
+func (ib *Inbox) run(ctx context.Context, consumer string, hs handlers, batch []*broker.Delivery, pre []result, savepoints bool) ([]result, error) {
+	h := hs.one
 	var res []result
 	applied := false
 	err := ib.db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
@@ -292,6 +341,9 @@ func (ib *Inbox) run(ctx context.Context, consumer string, h HandlerFunc, batch 
 			return err
 		}
 		alone := len(claimed) == 1
+		if hs.batch != nil && !savepoints && !alone {
+			return ib.runBatch(ctx, tx, consumer, hs.batch, batch, res, claimed)
+		}
 		inSavepoint, aloneFailed := false, false
 		for i, d := range batch {
 			if res[i].outcome != 0 {
@@ -357,6 +409,47 @@ func (ib *Inbox) run(ctx context.Context, consumer string, h HandlerFunc, batch 
 	default:
 		return nil, err
 	}
+}
+
+// runBatch hands the batch's claimed messages to hb, and sets their results
+// and the duplicates' in res. A failure of hb is a *handlerFailure with i
+// -1.
+func (ib *Inbox) runBatch(ctx context.Context, tx sqldb.Tx, consumer string, hb BatchHandlerFunc, batch []*broker.Delivery, res []result, claimed map[msgKey]bool) error {
+	msgs := make([]*message.Message, 0, len(claimed))
+	var ran []int
+	for i, d := range batch {
+		if res[i].outcome != 0 {
+			continue
+		}
+		if !claimed[keyOf(d)] {
+			res[i].outcome = duplicate
+			continue
+		}
+		msgs = append(msgs, d.Msg)
+		ran = append(ran, i)
+	}
+	if err := ctx.Err(); err != nil {
+		return err // stopping: the whole batch comes back later
+	}
+	if err := ib.callBatch(ctx, tx, consumer, hb, msgs); err != nil {
+		return &handlerFailure{i: -1, err: err}
+	}
+	for _, i := range ran {
+		res[i].outcome = handled
+	}
+	return nil
+}
+
+// callBatch runs hb, turning a panic into an error.
+func (ib *Inbox) callBatch(ctx context.Context, tx sqldb.Tx, consumer string, hb BatchHandlerFunc, msgs []*message.Message) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			ib.cfg.Logger.Error("inbox: batch handler panicked; its writes are rolled back and the batch runs again message by message",
+				"consumer", consumer, "messages", len(msgs), "panic", r, "stack", string(debug.Stack()))
+			err = fmt.Errorf("inbox: batch handler panicked: %v", r)
+		}
+	}()
+	return hb(ctx, tx, msgs)
 }
 
 // abortedBefore reports whether a handler's error may be another
