@@ -23,15 +23,19 @@
 //
 // # No double holding
 //
-// Try takes a resource with a conditional UPDATE of its row, from free to
+// Try takes a resource with a conditional write of its row, from free to
 // held, so two transactions can never both take it: the second finds it
-// held. On PostgreSQL, a Try for any resource of a pool picks one with FOR
+// taken. On PostgreSQL, a Try for any resource of a pool picks one with FOR
 // UPDATE SKIP LOCKED, so concurrent Trys take different resources instead
 // of queueing on the same one; when every free resource is being taken by
 // another transaction, it waits for them, so a refusal (ErrUnavailable)
-// means the pool had nothing free. On SQLite the write lock serializes
-// Trys. The partial unique index on the holding reservation lets no
-// reservation hold two resources.
+// means the pool had nothing free. The take deletes the free row and
+// inserts it back held rather than update it: a Try that waited for a row
+// being taken then skips it without locking it, so a Try locks only the
+// resource it takes, and transactions that make one Try each never
+// deadlock. On SQLite the write lock serializes Trys. The partial unique
+// index on the holding reservation lets no reservation hold two
+// resources.
 //
 // # Expiry
 //

@@ -54,12 +54,14 @@ func (t Try) validate(now time.Time) error {
 // TryTx holds a free resource of t.Pool (or t.Resource) for reservation
 // t.ID until t.ExpiresAt, and schedules, in tx, the timer that releases it
 // then. Two reservations never hold the same resource: the resource is
-// taken by a conditional UPDATE of its row (state free to held), which
-// concurrent transactions cannot both make. On PostgreSQL, concurrent Trys
-// for any resource skip the rows other transactions are taking (FOR UPDATE
-// SKIP LOCKED), and wait for them only when no other is free, so a pool
-// runs out exactly when it is empty. (Two transactions that each take
-// several resources of a short pool can then deadlock; PostgreSQL aborts
+// taken by a conditional write of its row (state free to held: an UPDATE
+// on SQLite, a DELETE of the free row and an INSERT of the held one on
+// PostgreSQL), which concurrent transactions cannot both make. On
+// PostgreSQL, concurrent Trys for any resource skip the rows other
+// transactions are taking (FOR UPDATE SKIP LOCKED), and wait for them only
+// when no other is free, so a pool runs out exactly when it is empty.
+// Transactions that make one Try each never deadlock. (Two transactions
+// that each take several resources of a short pool can: PostgreSQL aborts
 // one, whose error is transient: retry it.)
 //
 // When nothing is free (or t.Resource is not free, or not in the pool),
@@ -116,26 +118,67 @@ func (r *Reserver) TryTx(ctx context.Context, tx sqldb.Tx, t Try) (Reservation, 
 // take holds a free resource for t and returns its id, or "" if none is
 // free.
 func take(ctx context.Context, tx sqldb.Tx, t Try, now time.Time) (string, error) {
-	const hold = `UPDATE troupe_resources SET state = 'held', reservation = $2, owner = $3, updated_at = $4
-		WHERE pool = $1 AND state = 'free' AND id = `
+	if tx.Dialect() != sqldb.Postgres {
+		// SQLite: the transaction holds the database's write lock, so a
+		// conditional UPDATE takes the first free resource unopposed.
+		const hold = `UPDATE troupe_resources SET state = 'held', reservation = $2, owner = $3, updated_at = $4
+			WHERE pool = $1 AND state = 'free' AND id = %s RETURNING id`
+		if t.Resource != "" {
+			return returnedID(tx.QueryRow(ctx, fmt.Sprintf(hold, "$5"), t.Pool, t.ID, t.Owner, now, t.Resource))
+		}
+		return returnedID(tx.QueryRow(ctx, fmt.Sprintf(hold, firstFree("")), t.Pool, t.ID, t.Owner, now))
+	}
 	if t.Resource != "" {
 		// The row's lock decides between concurrent Trys: the second one
-		// waits for the first and finds the resource no longer free.
-		return returnedID(tx.QueryRow(ctx, hold+`$5 RETURNING id`, t.Pool, t.ID, t.Owner, now, t.Resource))
-	}
-	const first = `(SELECT id FROM troupe_resources WHERE pool = $1 AND state = 'free' ORDER BY id LIMIT 1%s) RETURNING id`
-	if tx.Dialect() != sqldb.Postgres {
-		// SQLite: the transaction holds the database's write lock.
-		return returnedID(tx.QueryRow(ctx, hold+fmt.Sprintf(first, ""), t.Pool, t.ID, t.Owner, now))
+		// waits for the first and finds the resource gone from the free
+		// ones.
+		return returnedID(tx.QueryRow(ctx, fmt.Sprintf(takePostgres, "$5"), t.Pool, t.ID, t.Owner, now, t.Resource))
 	}
 	// Take one that no other transaction is taking; if there is none,
 	// wait for those transactions, one of which may roll back: a refusal
 	// then means the pool has nothing free, not that it was busy.
-	id, err := returnedID(tx.QueryRow(ctx, hold+fmt.Sprintf(first, " FOR UPDATE SKIP LOCKED"), t.Pool, t.ID, t.Owner, now))
+	id, err := returnedID(tx.QueryRow(ctx, fmt.Sprintf(takePostgres, firstFree(" FOR UPDATE SKIP LOCKED")), t.Pool, t.ID, t.Owner, now))
 	if id != "" || err != nil {
 		return id, err
 	}
-	return returnedID(tx.QueryRow(ctx, hold+fmt.Sprintf(first, " FOR UPDATE"), t.Pool, t.ID, t.Owner, now))
+	return returnedID(tx.QueryRow(ctx, fmt.Sprintf(takePostgres, firstFree(" FOR UPDATE")), t.Pool, t.ID, t.Owner, now))
+}
+
+// takePostgres takes, on PostgreSQL, the free resource of pool $1 that %s
+// names, for reservation $2 of owner $3 at $4: it deletes the free row and
+// inserts it back held, in one statement, where an UPDATE would let
+// concurrent Trys deadlock.
+//
+// Under READ COMMITTED, a statement that locks a row updated since its
+// snapshot (FOR UPDATE, or to update it) locks the newest version, then
+// re-checks its WHERE clause; a version that no longer matches is skipped
+// but stays locked until the transaction ends. When takes updated, a Try
+// thus kept locks on packets taken under it, and the cycle came from that:
+// Try C's SKIP LOCKED statement locked packet-1, just taken, and found
+// nothing free; C's waiting statement, which starts from the lowest id,
+// queued for packet-0 behind Try A; A had waited for packet-0's taker and
+// then waited for Try B, which had locked packet-0's newest version the
+// same way; and B's waiting statement waited for C's lock on packet-1.
+// PostgreSQL broke the cycle by aborting one (SQLSTATE 40P01).
+//
+// A deleted row is skipped without being locked, and no free row is ever
+// updated (a release updates a held or assigned row), so a Try locks only
+// the resource it takes, and waits only for transactions taking (or
+// removing) a free one: transactions that make one Try each never
+// deadlock, and a refused Try keeps no lock for a Confirm to wait for. The
+// write costs what the UPDATE did: an UPDATE of indexed columns writes a
+// new row version and its index entries too. The INSERT names every column
+// of troupe_resources: a migration that adds one must carry it over here.
+const takePostgres = `WITH taken AS (
+		DELETE FROM troupe_resources WHERE pool = $1 AND state = 'free' AND id = %s RETURNING pool, id)
+	INSERT INTO troupe_resources (pool, id, state, reservation, owner, updated_at)
+		SELECT pool, id, 'held', $2::text, $3::text, $4::timestamptz FROM taken
+	RETURNING id`
+
+// firstFree is the subquery that picks the first free resource of pool
+// $1, by id, locked as lock says.
+func firstFree(lock string) string {
+	return `(SELECT id FROM troupe_resources WHERE pool = $1 AND state = 'free' ORDER BY id LIMIT 1` + lock + `)`
 }
 
 // returnedID reads the id a RETURNING clause returned, "" for no row.

@@ -226,3 +226,91 @@ func TestTry_WaitsForAPacketBeingTakenRatherThanRefuse(t *testing.T) {
 		})
 	}
 }
+
+// A Try that waited for the last packet's taker and was refused keeps no
+// lock on the packet: the winner confirms it while the refused order's
+// transaction is still open. (A lock kept on a packet the Try did not take
+// is what let concurrent Trys deadlock.) PostgreSQL only: on SQLite every
+// write transaction, the refused one included, holds the database's write
+// lock, which a Confirm waits for by design.
+func TestTry_RefusedTryDoesNotBlockTheWinnersConfirm(t *testing.T) {
+	e := newEnv(t, "postgres", 0)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	e.add(t, "pizza", "p1")
+	try := func(id string) reserve.Try {
+		return reserve.Try{ID: id, Pool: "pizza", Owner: id, ExpiresAt: t0.Add(time.Minute)}
+	}
+	lockWaits := func() int {
+		return e.count(t, `SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`)
+	}
+
+	// order-1 takes p1 and commits when told.
+	took1, commit1, done1 := make(chan struct{}), make(chan struct{}), make(chan error, 1)
+	go func() {
+		done1 <- e.db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+			if _, err := e.r.TryTx(ctx, tx, try("order-1")); err != nil {
+				return err
+			}
+			close(took1)
+			select {
+			case <-commit1:
+				return nil
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		})
+	}()
+	select {
+	case <-took1:
+	case err := <-done1:
+		t.Fatalf("order-1: %v", err)
+	}
+
+	// order-2 waits for order-1, is refused, and keeps its transaction
+	// open until told.
+	answer2, end2, done2 := make(chan error, 1), make(chan struct{}), make(chan error, 1)
+	go func() {
+		done2 <- e.db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+			_, err := e.r.TryTx(ctx, tx, try("order-2"))
+			answer2 <- err
+			if !errors.Is(err, reserve.ErrRefused) {
+				return err
+			}
+			select {
+			case <-end2:
+				return nil
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		})
+	}()
+	waitFor(t, "order-2 to wait for order-1's transaction (or answer)", func() bool { return len(answer2) > 0 || lockWaits() == 1 })
+	close(commit1)
+	if err := <-done1; err != nil {
+		t.Fatalf("order-1: %v", err)
+	}
+	if err := <-answer2; !errors.Is(err, reserve.ErrUnavailable) {
+		close(end2)
+		t.Fatalf("order-2: %v, want ErrUnavailable", err)
+	}
+
+	confirmed := make(chan error, 1)
+	go func() {
+		_, err := e.r.Confirm(ctx, "order-1")
+		confirmed <- err
+	}()
+	waitFor(t, "order-1's Confirm to answer (or wait for a lock)", func() bool { return len(confirmed) > 0 || lockWaits() == 1 })
+	blocked := len(confirmed) == 0
+	close(end2) // a Confirm waiting for order-2's lock now goes on
+	if err := <-done2; err != nil {
+		t.Fatalf("order-2: %v", err)
+	}
+	if err := <-confirmed; err != nil {
+		t.Fatalf("confirm order-1: %v", err)
+	}
+	if blocked {
+		t.Fatal("order-1's Confirm waited for the transaction of order-2, which was refused: order-2 kept a lock on p1")
+	}
+	e.wantResource(t, "pizza", "p1", reserve.ResourceAssigned, "order-1")
+}
