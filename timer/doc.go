@@ -20,6 +20,10 @@
 // the caller's transaction too. A timer's id is its message's id, so a
 // service that derives the id from its data can cancel it without storing
 // it. PutScheduleTx stores a recurring Schedule; ScheduleHTTPTx an HTTPTask.
+// ScheduleLaterTx and TryCancelLaterTx are for callers that would ignore
+// the answer (ErrExists, whether a timer was cancelled): their statement is
+// queued with sqldb.ExecLater, so on PostgreSQL it costs no round trip of
+// its own.
 //
 // # Firing
 //

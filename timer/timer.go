@@ -208,20 +208,54 @@ func (s *Scheduler) checkDue(at time.Time) error {
 // timer's id is the message's id (one is assigned when msg has none), so a
 // service that derives the id from its own data (an order id and a step)
 // can cancel the timer later without storing anything. A pending timer
-// with the same id makes ScheduleTx return ErrExists and store nothing.
+// with the same id makes ScheduleTx return ErrExists and store nothing; a
+// caller that would ignore ErrExists can save a round trip with
+// ScheduleLaterTx.
 //
 // at may lie up to Config.PastTolerance in the past; an earlier time is
 // ErrInPast. A message that lacks a causation id takes the flow of the
 // message ctx carries (message.WithCause), as outbox.Add does.
 func (s *Scheduler) ScheduleTx(ctx context.Context, tx sqldb.Tx, at time.Time, target Target, msg *message.Message) error {
-	if err := target.validate(); err != nil {
+	env, err := s.prepare(ctx, at, target, msg)
+	if err != nil {
 		return err
+	}
+	return s.insert(ctx, tx, msg.ID, target.kind, target.name, at, env, "")
+}
+
+// ScheduleLaterTx is ScheduleTx for a caller that does not need to know
+// whether the timer was new: a pending or failed timer with the same id is
+// left as it is, without ErrExists, and the INSERT is run by
+// sqldb.ExecLater, so on PostgreSQL it travels with tx's next statement or
+// its commit instead of costing a round trip of its own. Use it to schedule
+// idempotently (an id derived from the caller's data, such as a saga's
+// deadline) where ScheduleTx's ErrExists would be ignored anyway.
+//
+// The timer, its message and at are checked, and msg's id assigned, at once,
+// as by ScheduleTx; an error of the INSERT itself is returned by tx's next
+// statement or commit (see sqldb.ExecLater).
+func (s *Scheduler) ScheduleLaterTx(ctx context.Context, tx sqldb.Tx, at time.Time, target Target, msg *message.Message) error {
+	env, err := s.prepare(ctx, at, target, msg)
+	if err != nil {
+		return err
+	}
+	if err := sqldb.ExecLater(ctx, tx, insertTimer, s.timerRow(msg.ID, target.kind, target.name, at, env, "")...); err != nil {
+		return fmt.Errorf("timer: schedule %q: %w", msg.ID, err)
+	}
+	return nil
+}
+
+// prepare checks a timer of ScheduleTx, gives msg an id and a cause, and
+// returns its envelope.
+func (s *Scheduler) prepare(ctx context.Context, at time.Time, target Target, msg *message.Message) ([]byte, error) {
+	if err := target.validate(); err != nil {
+		return nil, err
 	}
 	if msg == nil {
-		return fmt.Errorf("%w: nil message", ErrInvalidTimer)
+		return nil, fmt.Errorf("%w: nil message", ErrInvalidTimer)
 	}
 	if err := s.checkDue(at); err != nil {
-		return err
+		return nil, err
 	}
 	if msg.ID == "" {
 		msg.ID = message.NewID()
@@ -229,12 +263,12 @@ func (s *Scheduler) ScheduleTx(ctx context.Context, tx sqldb.Tx, at time.Time, t
 	message.InheritCause(ctx, msg)
 	env, err := message.EncodeJSON(msg)
 	if err != nil {
-		return fmt.Errorf("%w: message %q: %w", ErrInvalidTimer, msg.ID, err)
+		return nil, fmt.Errorf("%w: message %q: %w", ErrInvalidTimer, msg.ID, err)
 	}
 	if len(env) > message.DefaultMaxSize {
-		return fmt.Errorf("%w: message %q: its %d-byte envelope exceeds message.DefaultMaxSize", ErrInvalidTimer, msg.ID, len(env))
+		return nil, fmt.Errorf("%w: message %q: its %d-byte envelope exceeds message.DefaultMaxSize", ErrInvalidTimer, msg.ID, len(env))
 	}
-	return s.insert(ctx, tx, msg.ID, target.kind, target.name, at, env, "")
+	return env, nil
 }
 
 // Schedule is ScheduleTx in a transaction of its own.
@@ -244,11 +278,17 @@ func (s *Scheduler) Schedule(ctx context.Context, at time.Time, target Target, m
 	})
 }
 
+// insertTimer stores one timer row; an existing id is left as it is.
+const insertTimer = `INSERT INTO troupe_timers (id, kind, target, due_at, payload, schedule, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING`
+
+// timerRow returns insertTimer's arguments.
+func (s *Scheduler) timerRow(id string, kind Kind, target string, at time.Time, payload []byte, schedule string) []any {
+	return []any{id, int(kind), target, at.UTC(), payload, schedule, s.cfg.Clock.Now().UTC()}
+}
+
 // insert stores one timer row, ErrExists when the id is taken.
 func (s *Scheduler) insert(ctx context.Context, tx sqldb.Tx, id string, kind Kind, target string, at time.Time, payload []byte, schedule string) error {
-	n, err := tx.Exec(ctx,
-		`INSERT INTO troupe_timers (id, kind, target, due_at, payload, schedule, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING`,
-		id, int(kind), target, at.UTC(), payload, schedule, s.cfg.Clock.Now().UTC())
+	n, err := tx.Exec(ctx, insertTimer, s.timerRow(id, kind, target, at, payload, schedule)...)
 	if err != nil {
 		return fmt.Errorf("timer: schedule %q: %w", id, err)
 	}
@@ -266,7 +306,7 @@ func (s *Scheduler) insert(ctx context.Context, tx sqldb.Tx, id string, kind Kin
 // still reach its URL (its result is then ignored). A failed timer is
 // deleted too.
 func (s *Scheduler) CancelTx(ctx context.Context, tx sqldb.Tx, id string) (bool, error) {
-	n, err := tx.Exec(ctx, `DELETE FROM troupe_timers WHERE id = $1`, id)
+	n, err := tx.Exec(ctx, cancelQuery, id)
 	if err != nil {
 		return false, fmt.Errorf("timer: cancel %q: %w", id, err)
 	}
@@ -278,16 +318,43 @@ func (s *Scheduler) CancelTx(ctx context.Context, tx sqldb.Tx, id string) (bool,
 // reports false. Use it where the caller already holds a row the timer's
 // handler locks (a saga's deadline): waiting there would deadlock. The
 // handler must then find, once it gets the row, that it has nothing to do.
+// A caller that would ignore the answer can save a round trip with
+// TryCancelLaterTx.
 func (s *Scheduler) TryCancelTx(ctx context.Context, tx sqldb.Tx, id string) (bool, error) {
-	if tx.Dialect() != sqldb.Postgres {
-		return s.CancelTx(ctx, tx, id) // SQLite: write transactions are serialized
-	}
-	n, err := tx.Exec(ctx, `DELETE FROM troupe_timers WHERE id = (SELECT id FROM troupe_timers WHERE id = $1 FOR UPDATE SKIP LOCKED)`, id)
+	n, err := tx.Exec(ctx, tryCancelQuery(tx), id)
 	if err != nil {
 		return false, fmt.Errorf("timer: cancel %q: %w", id, err)
 	}
 	return n == 1, nil
 }
+
+// TryCancelLaterTx is TryCancelTx for a caller that does not need to know
+// whether the timer was cancelled: the DELETE is run by sqldb.ExecLater, so
+// on PostgreSQL it travels with tx's next statement or its commit instead
+// of costing a round trip of its own, and its error, if any, is returned
+// by that statement or commit. It never waits either: a timer a concurrent
+// transaction holds at that moment is left alone, and its handler must
+// find that it has nothing to do. On SQLite, where write transactions take
+// turns, it is CancelTx. Use it where TryCancelTx's answer would be
+// ignored: a saga withdrawing the deadline of a step that was answered.
+func (s *Scheduler) TryCancelLaterTx(ctx context.Context, tx sqldb.Tx, id string) error {
+	if err := sqldb.ExecLater(ctx, tx, tryCancelQuery(tx), id); err != nil {
+		return fmt.Errorf("timer: cancel %q: %w", id, err)
+	}
+	return nil
+}
+
+// tryCancelQuery deletes the timer $1 unless, on PostgreSQL, a concurrent
+// transaction holds it. SQLite's write transactions are serialized.
+func tryCancelQuery(tx sqldb.Tx) string {
+	if tx.Dialect() != sqldb.Postgres {
+		return cancelQuery
+	}
+	return `DELETE FROM troupe_timers WHERE id = (SELECT id FROM troupe_timers WHERE id = $1 FOR UPDATE SKIP LOCKED)`
+}
+
+// cancelQuery deletes the timer $1.
+const cancelQuery = `DELETE FROM troupe_timers WHERE id = $1`
 
 // Cancel is CancelTx in a transaction of its own.
 func (s *Scheduler) Cancel(ctx context.Context, id string) (bool, error) {
