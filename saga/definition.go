@@ -397,6 +397,13 @@ func checkURL(raw string) error {
 // StartTx starts an instance of the saga, with id and data, in tx: the
 // instance and its first step's command (or its local steps' writes) commit
 // with tx. The orchestrator must have the definition registered.
+//
+// An id already used is ErrExists, and tx must then be rolled back: the
+// saga's row is written once, by one INSERT after its first steps ran (its
+// local steps, the first command and its deadline), so their effects are
+// in tx and must go with it. A local step that fails on the earlier saga's
+// writes (a key of its own made of the saga's id) returns its error
+// instead of ErrExists.
 func (def *Definition[D]) StartTx(ctx context.Context, tx sqldb.Tx, o *Orchestrator, sagaID string, data D) error {
 	raw, err := json.Marshal(&data)
 	if err != nil {

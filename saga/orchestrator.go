@@ -73,7 +73,9 @@ var (
 	// ErrUnknownSaga is returned for a saga name and version no definition
 	// registered.
 	ErrUnknownSaga = errors.New("saga: no such saga definition")
-	// ErrExists is returned by StartTx for a saga id already used.
+	// ErrExists is returned by StartTx for a saga id already used; the
+	// caller's transaction holds the new saga's first steps and must be
+	// rolled back.
 	ErrExists = errors.New("saga: a saga with this id exists")
 )
 
@@ -210,6 +212,9 @@ type instance struct {
 	historySeq int
 	pending    []any // history rows recorded, not yet written: 8 values each
 	created    time.Time
+	// unsaved: the row is not stored yet (a saga being started); save
+	// INSERTs it instead of updating it.
+	unsaved bool
 }
 
 func (o *Orchestrator) startTx(ctx context.Context, tx sqldb.Tx, name string, version int, id string, data []byte) error {
@@ -217,16 +222,9 @@ func (o *Orchestrator) startTx(ctx context.Context, tx sqldb.Tx, name string, ve
 	if err != nil {
 		return err
 	}
-	now := o.cfg.Now().UTC()
-	n, err := tx.Exec(ctx, `INSERT INTO troupe_sagas (id, name, version, status, step, data, created_at, updated_at)
-		VALUES ($1, $2, $3, $4, 0, $5, $6, $6) ON CONFLICT (id) DO NOTHING`, id, name, version, string(Running), data, now)
-	if err != nil {
-		return fmt.Errorf("saga: start %q: %w", id, err)
-	}
-	if n == 0 {
-		return fmt.Errorf("%w: %q", ErrExists, id)
-	}
-	in := &instance{id: id, name: name, version: version, status: Running, data: data, created: now}
+	// The row is written once, by advance's save, with the state the
+	// first steps lead to: ErrExists comes from that INSERT.
+	in := &instance{id: id, name: name, version: version, status: Running, data: data, created: o.cfg.Now().UTC(), unsaved: true}
 	o.record(in, "", "", 0, "started", "")
 	return o.advance(ctx, tx, def, in)
 }
@@ -250,9 +248,32 @@ func (o *Orchestrator) load(ctx context.Context, tx sqldb.Tx, id string) (*insta
 	return in, nil
 }
 
-// save writes the history recorded since the last save, in one statement,
-// and the saga's row.
+// save writes the saga's row and the history recorded since the last
+// save, in one statement. A saga being started (unsaved) has its row
+// INSERTed, first: its id may be taken (ErrExists), and its history rows
+// would then collide with the other saga's.
 func (o *Orchestrator) save(ctx context.Context, tx sqldb.Tx, in *instance) error {
+	branches, err := encodeBranches(in.branches)
+	if err != nil {
+		return fmt.Errorf("saga: save %q: %w", in.id, err)
+	}
+	now := o.cfg.Now().UTC()
+	inserted := in.unsaved
+	if inserted {
+		// tx.Exec, not ExecLater: the row count tells whether the id was
+		// free.
+		n, err := tx.Exec(ctx, `INSERT INTO troupe_sagas (id, name, version, status, step, awaiting, attempt, branches, data, reason,
+			history_seq, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT (id) DO NOTHING`,
+			in.id, in.name, in.version, string(in.status), in.step, in.awaiting, in.attempt, branches, in.data, in.reason,
+			in.historySeq, in.created, now)
+		if err != nil {
+			return fmt.Errorf("saga: start %q: %w", in.id, err)
+		}
+		if n == 0 {
+			return fmt.Errorf("%w: %q", ErrExists, in.id)
+		}
+		in.unsaved = false
+	}
 	if n := len(in.pending) / 8; n > 0 {
 		var b strings.Builder
 		b.WriteString(`INSERT INTO troupe_saga_history (saga_id, seq, step, op, attempt, event, detail, at) VALUES `)
@@ -269,20 +290,20 @@ func (o *Orchestrator) save(ctx context.Context, tx sqldb.Tx, in *instance) erro
 			}
 			b.WriteByte(')')
 		}
-		// Neither statement's result is needed: on PostgreSQL both travel
-		// with the transaction's next statement or its commit.
+		// Neither this statement's result is needed nor the UPDATE's: on
+		// PostgreSQL both travel with the transaction's next statement or
+		// its commit.
 		if err := sqldb.ExecLater(ctx, tx, b.String(), in.pending...); err != nil {
 			return fmt.Errorf("saga: record history of %q: %w", in.id, err)
 		}
 		in.pending = in.pending[:0]
 	}
-	branches, err := encodeBranches(in.branches)
-	if err != nil {
-		return fmt.Errorf("saga: save %q: %w", in.id, err)
+	if inserted {
+		return nil // the row has the state already
 	}
 	err = sqldb.ExecLater(ctx, tx, `UPDATE troupe_sagas SET status = $1, step = $2, awaiting = $3, attempt = $4, branches = $5, data = $6, reason = $7,
 		history_seq = $8, updated_at = $9 WHERE id = $10`,
-		string(in.status), in.step, in.awaiting, in.attempt, branches, in.data, in.reason, in.historySeq, o.cfg.Now().UTC(), in.id)
+		string(in.status), in.step, in.awaiting, in.attempt, branches, in.data, in.reason, in.historySeq, now, in.id)
 	if err != nil {
 		return fmt.Errorf("saga: save %q: %w", in.id, err)
 	}
@@ -422,7 +443,9 @@ func (o *Orchestrator) startCompensating(in *instance, reason string) {
 // (compensations, which have no refusal of their own).
 func (o *Orchestrator) runLocal(ctx context.Context, tx sqldb.Tx, in *instance,
 	f func(context.Context, sqldb.Tx, string, []byte) ([]byte, error), anyError bool) (data []byte, refused error, err error) {
-	if _, err := tx.Exec(ctx, "SAVEPOINT troupe_saga_step"); err != nil {
+	// Nothing waits for the savepoint either: on PostgreSQL it travels
+	// with f's first statement, or with the rollback or release.
+	if err := sqldb.ExecLater(ctx, tx, "SAVEPOINT troupe_saga_step"); err != nil {
 		return nil, nil, fmt.Errorf("saga: savepoint: %w", err)
 	}
 	data, ferr := f(ctx, tx, in.id, in.data)
@@ -511,7 +534,9 @@ func (o *Orchestrator) sendMember(ctx context.Context, tx sqldb.Tx, in *instance
 		dl.Extensions[extFirstAttempt] = strconv.Itoa(first)
 	}
 	wait, _ := m.wait(op, attempt-first)
-	if err := o.sched.ScheduleTx(ctx, tx, o.cfg.Now().Add(wait), timer.ToHandler(DeadlineHandler), dl); err != nil && !errors.Is(err, timer.ErrExists) {
+	// A deadline of this id that exists already (this send repeated) is
+	// kept.
+	if err := o.sched.ScheduleLaterTx(ctx, tx, o.cfg.Now().Add(wait), timer.ToHandler(DeadlineHandler), dl); err != nil {
 		return err
 	}
 	o.record(in, m.name, op.String(), attempt, "sent", detail)
@@ -578,13 +603,13 @@ func (o *Orchestrator) conclude(ctx context.Context, tx sqldb.Tx, def *definitio
 		// Not CancelTx: a scheduler firing this deadline holds the timer's
 		// row and waits for the saga's, which this transaction holds. It
 		// then finds the side answered and does nothing.
-		if _, err := o.sched.TryCancelTx(ctx, tx, deadlineOf(in, m, inGroup, op, attempt)); err != nil {
+		if err := o.sched.TryCancelLaterTx(ctx, tx, deadlineOf(in, m, inGroup, op, attempt)); err != nil {
 			return err
 		}
 	}
 	if m.isHTTP() && v.kind == lost {
 		// A call still being retried: its outcome no longer matters.
-		if _, err := o.sched.TryCancelTx(ctx, tx, httpTaskID(in.id, m.name, op)); err != nil {
+		if err := o.sched.TryCancelLaterTx(ctx, tx, httpTaskID(in.id, m.name, op)); err != nil {
 			return err
 		}
 	}
