@@ -180,9 +180,11 @@ func (o *Orchestrator) definition(name string, version int) (*definition, error)
 // subscription's group. Each batch is handled in the order of its sagas'
 // ids (each saga's replies keep their order), so that several
 // subscriptions of the group, whose batches may concern the same sagas,
-// lock their rows in the same order instead of deadlocking.
+// lock their rows in the same order instead of deadlocking. A batch is
+// handled set-wise by HandleRepliesTx, or reply by reply by HandleReplyTx
+// when that fails (see inbox.BatchHandler).
 func (o *Orchestrator) Handler(consumer string) broker.Handler {
-	h := o.ib.Handler(consumer, o.HandleReplyTx)
+	h := o.ib.BatchHandler(consumer, o.HandleRepliesTx, o.HandleReplyTx)
 	return func(ctx context.Context, batch []*broker.Delivery) {
 		slices.SortStableFunc(batch, func(a, b *broker.Delivery) int {
 			return strings.Compare(replySaga(a), replySaga(b))
@@ -215,6 +217,9 @@ type instance struct {
 	// unsaved: the row is not stored yet (a saga being started); save
 	// INSERTs it instead of updating it.
 	unsaved bool
+	// batch, when not nil, gathers what save and conclude would write, to
+	// be written for the whole batch of replies at its end.
+	batch *replyBatch
 }
 
 func (o *Orchestrator) startTx(ctx context.Context, tx sqldb.Tx, name string, version int, id string, data []byte) error {
@@ -253,6 +258,14 @@ func (o *Orchestrator) load(ctx context.Context, tx sqldb.Tx, id string) (*insta
 // INSERTed, first: its id may be taken (ErrExists), and its history rows
 // would then collide with the other saga's.
 func (o *Orchestrator) save(ctx context.Context, tx sqldb.Tx, in *instance) error {
+	if b := in.batch; b != nil && !in.unsaved {
+		b.history = append(b.history, in.pending...)
+		in.pending = in.pending[:0]
+		if !slices.Contains(b.sagas, in) {
+			b.sagas = append(b.sagas, in)
+		}
+		return nil
+	}
 	branches, err := encodeBranches(in.branches)
 	if err != nil {
 		return fmt.Errorf("saga: save %q: %w", in.id, err)
@@ -274,29 +287,8 @@ func (o *Orchestrator) save(ctx context.Context, tx sqldb.Tx, in *instance) erro
 		}
 		in.unsaved = false
 	}
-	if n := len(in.pending) / 8; n > 0 {
-		var b strings.Builder
-		b.WriteString(`INSERT INTO troupe_saga_history (saga_id, seq, step, op, attempt, event, detail, at) VALUES `)
-		for i := range n {
-			if i > 0 {
-				b.WriteString(", ")
-			}
-			b.WriteByte('(')
-			for c := range 8 {
-				if c > 0 {
-					b.WriteString(", ")
-				}
-				b.WriteString("$" + strconv.Itoa(i*8+c+1))
-			}
-			b.WriteByte(')')
-		}
-		// Neither this statement's result is needed nor the UPDATE's: on
-		// PostgreSQL both travel with the transaction's next statement or
-		// its commit.
-		if err := sqldb.ExecLater(ctx, tx, b.String(), in.pending...); err != nil {
-			return fmt.Errorf("saga: record history of %q: %w", in.id, err)
-		}
-		in.pending = in.pending[:0]
+	if err := o.writeHistory(ctx, tx, in); err != nil {
+		return err
 	}
 	if inserted {
 		return nil // the row has the state already
@@ -309,6 +301,40 @@ func (o *Orchestrator) save(ctx context.Context, tx sqldb.Tx, in *instance) erro
 	}
 	return nil
 }
+
+// writeHistory writes the history rows in.pending holds, in statements of
+// at most maxHistoryRows rows (the queries' arguments stay under SQLite's
+// limit), and empties it. Nothing waits for their result: on PostgreSQL
+// they travel with the transaction's next statement or its commit.
+func (o *Orchestrator) writeHistory(ctx context.Context, tx sqldb.Tx, in *instance) error {
+	for len(in.pending) > 0 {
+		rows := in.pending[:min(len(in.pending), maxHistoryRows*8)]
+		in.pending = in.pending[len(rows):]
+		var b strings.Builder
+		b.WriteString(`INSERT INTO troupe_saga_history (saga_id, seq, step, op, attempt, event, detail, at) VALUES `)
+		for i := range len(rows) / 8 {
+			if i > 0 {
+				b.WriteString(", ")
+			}
+			b.WriteByte('(')
+			for c := range 8 {
+				if c > 0 {
+					b.WriteString(", ")
+				}
+				b.WriteString("$" + strconv.Itoa(i*8+c+1))
+			}
+			b.WriteByte(')')
+		}
+		if err := sqldb.ExecLater(ctx, tx, b.String(), rows...); err != nil {
+			return fmt.Errorf("saga: record history of %q: %w", in.id, err)
+		}
+	}
+	in.pending = in.pending[:0]
+	return nil
+}
+
+// maxHistoryRows is the most history rows one INSERT writes.
+const maxHistoryRows = 500
 
 // record adds a history entry, written by the next save (every transition
 // ends with one).
@@ -603,7 +629,10 @@ func (o *Orchestrator) conclude(ctx context.Context, tx sqldb.Tx, def *definitio
 		// Not CancelTx: a scheduler firing this deadline holds the timer's
 		// row and waits for the saga's, which this transaction holds. It
 		// then finds the side answered and does nothing.
-		if err := o.sched.TryCancelLaterTx(ctx, tx, deadlineOf(in, m, inGroup, op, attempt)); err != nil {
+		id := deadlineOf(in, m, inGroup, op, attempt)
+		if in.batch != nil {
+			in.batch.cancels = append(in.batch.cancels, id)
+		} else if err := o.sched.TryCancelLaterTx(ctx, tx, id); err != nil {
 			return err
 		}
 	}
@@ -688,6 +717,11 @@ func (o *Orchestrator) HandleReplyTx(ctx context.Context, tx sqldb.Tx, m *messag
 	if err != nil {
 		return fmt.Errorf("saga: load %q: %w", r.SagaID, err)
 	}
+	return o.apply(ctx, tx, in, r)
+}
+
+// apply applies reply r to in, loaded and locked in tx.
+func (o *Orchestrator) apply(ctx context.Context, tx sqldb.Tx, in *instance, r *ReplyMsg) error {
 	def, err := o.definition(in.name, in.version)
 	if err != nil {
 		return err
@@ -703,6 +737,161 @@ func (o *Orchestrator) HandleReplyTx(ctx context.Context, tx sqldb.Tx, m *messag
 		v = verdict{kind: refused, reason: r.Reason}
 	}
 	return o.conclude(ctx, tx, def, in, st, bs, r.Op, attempt, v)
+}
+
+// replyBatch gathers the writes of a batch of replies (HandleRepliesTx)
+// that are made once for the lot, at its end.
+type replyBatch struct {
+	sagas   []*instance // the sagas whose rows to write, in the order first saved
+	history []any       // the history rows, 8 values each, in the order recorded
+	cancels []string    // the deadline timers to cancel
+}
+
+// HandleRepliesTx applies participants' replies in tx, as HandleReplyTx
+// applies each in turn, but set-wise where it can: the sagas are loaded and
+// locked by one statement, and their rows, their history and the
+// cancellation of their answered deadlines are written by one statement
+// each at the end (on PostgreSQL; on SQLite, whose statements cost no round
+// trip, a statement per saga). What the steps do in between (a local step,
+// a command sent) runs as for a single reply, in the order of the replies.
+// Several replies to one saga are applied in turn to the one row.
+//
+// It fails, and writes nothing, when one of the replies is malformed or is
+// for an unknown saga: Handler then applies them one by one with
+// HandleReplyTx, which dead-letters those.
+func (o *Orchestrator) HandleRepliesTx(ctx context.Context, tx sqldb.Tx, msgs []*message.Message) error {
+	replies := make([]*ReplyMsg, len(msgs))
+	ids := make([]string, 0, len(msgs))
+	for i, m := range msgs {
+		r, err := ParseReply(m)
+		if err != nil {
+			return err
+		}
+		replies[i] = r
+		ids = append(ids, r.SagaID)
+	}
+	slices.Sort(ids)
+	ids = slices.Compact(ids)
+	sagas, err := o.loadMany(ctx, tx, ids)
+	if err != nil {
+		return err
+	}
+	b := &replyBatch{}
+	for i, r := range replies {
+		in := sagas[r.SagaID]
+		if in == nil {
+			return fmt.Errorf("saga: reply for unknown saga %q", r.SagaID)
+		}
+		in.batch = b
+		if err := o.apply(message.WithCause(ctx, msgs[i]), tx, in, r); err != nil {
+			return err
+		}
+	}
+	return o.writeBatch(ctx, tx, b)
+}
+
+// loadMany reads and locks the sagas of ids (sorted: on PostgreSQL their
+// rows are locked in that order), by id; an unknown id is left out.
+func (o *Orchestrator) loadMany(ctx context.Context, tx sqldb.Tx, ids []string) (map[string]*instance, error) {
+	out := make(map[string]*instance, len(ids))
+	if tx.Dialect() != sqldb.Postgres {
+		for _, id := range ids {
+			in, err := o.load(ctx, tx, id)
+			if errors.Is(err, sqldb.ErrNoRows) {
+				continue
+			}
+			if err != nil {
+				return nil, fmt.Errorf("saga: load %q: %w", id, err)
+			}
+			out[id] = in
+		}
+		return out, nil
+	}
+	rows, err := tx.Query(ctx, `SELECT id, name, version, status, step, awaiting, attempt, branches, data, reason, history_seq, created_at
+		FROM troupe_sagas WHERE id = ANY($1) ORDER BY id FOR UPDATE`, ids)
+	if err != nil {
+		return nil, fmt.Errorf("saga: load %d sagas: %w", len(ids), err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		in := &instance{}
+		var status, branches string
+		if err := rows.Scan(&in.id, &in.name, &in.version, &status, &in.step, &in.awaiting, &in.attempt, &branches, &in.data, &in.reason, &in.historySeq, &in.created); err != nil {
+			return nil, fmt.Errorf("saga: load %d sagas: %w", len(ids), err)
+		}
+		in.status = Status(status)
+		if in.branches, err = decodeBranches(branches); err != nil {
+			return nil, fmt.Errorf("saga: %q: %w", in.id, err)
+		}
+		out[in.id] = in
+	}
+	if err := rows.Close(); err != nil {
+		return nil, fmt.Errorf("saga: load %d sagas: %w", len(ids), err)
+	}
+	return out, nil
+}
+
+// writeBatch writes what a batch of replies gathered: the deadlines'
+// cancellation, the history and the sagas' rows.
+func (o *Orchestrator) writeBatch(ctx context.Context, tx sqldb.Tx, b *replyBatch) error {
+	if err := o.sched.TryCancelLaterTx(ctx, tx, b.cancels...); err != nil {
+		return err
+	}
+	if tx.Dialect() != sqldb.Postgres {
+		for _, in := range b.sagas {
+			in.batch = nil
+			if err := o.save(ctx, tx, in); err != nil {
+				return err
+			}
+		}
+		if len(b.history) > 0 {
+			in := &instance{pending: b.history}
+			return o.writeHistory(ctx, tx, in)
+		}
+		return nil
+	}
+	now := o.cfg.Now().UTC()
+	n := len(b.sagas)
+	id, status, awaiting, branches, reason := make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n)
+	step, attempt, seq := make([]int32, n), make([]int32, n), make([]int32, n)
+	data := make([][]byte, n)
+	for i, in := range b.sagas {
+		br, err := encodeBranches(in.branches)
+		if err != nil {
+			return fmt.Errorf("saga: save %q: %w", in.id, err)
+		}
+		id[i], status[i], awaiting[i], branches[i], reason[i] = in.id, string(in.status), in.awaiting, br, in.reason
+		step[i], attempt[i], seq[i], data[i] = int32(in.step), int32(in.attempt), int32(in.historySeq), in.data
+	}
+	if n > 0 {
+		err := sqldb.ExecLater(ctx, tx, `UPDATE troupe_sagas AS s SET status = v.status, step = v.step, awaiting = v.awaiting, attempt = v.attempt,
+			branches = v.branches, data = v.data, reason = v.reason, history_seq = v.history_seq, updated_at = $10
+			FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int[], $6::text[], $7::bytea[], $8::text[], $9::int[])
+				AS v(id, status, step, awaiting, attempt, branches, data, reason, history_seq)
+			WHERE s.id = v.id`, id, status, step, awaiting, attempt, branches, data, reason, seq, now)
+		if err != nil {
+			return fmt.Errorf("saga: save %d sagas: %w", n, err)
+		}
+	}
+	h := len(b.history) / 8
+	if h == 0 {
+		return nil
+	}
+	sagaID, hstep, op, event, detail := make([]string, h), make([]string, h), make([]string, h), make([]string, h), make([]string, h)
+	hseq, hattempt := make([]int32, h), make([]int32, h)
+	at := make([]time.Time, h)
+	for i := range h {
+		r := b.history[i*8 : i*8+8]
+		sagaID[i], hseq[i], hstep[i], op[i] = r[0].(string), int32(r[1].(int)), r[2].(string), r[3].(string)
+		hattempt[i], event[i], detail[i], at[i] = int32(r[4].(int)), r[5].(string), r[6].(string), r[7].(time.Time)
+	}
+	err := sqldb.ExecLater(ctx, tx, `INSERT INTO troupe_saga_history (saga_id, seq, step, op, attempt, event, detail, at)
+		SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[], $8::timestamptz[])`,
+		sagaID, hseq, hstep, op, hattempt, event, detail, at)
+	if err != nil {
+		return fmt.Errorf("saga: record the history of %d sagas: %w", n, err)
+	}
+	return nil
 }
 
 // deadlineFailuresBeforeParking is how many times handling one deadline may

@@ -185,7 +185,7 @@ func TestScheduleLaterTx_RefusesWhatScheduleTxRefuses(t *testing.T) {
 	}
 }
 
-// TryCancelLaterTx deletes a pending timer when its transaction commits,
+// TryCancelLaterTx deletes pending timers when its transaction commits,
 // and not when it rolls back.
 func TestTryCancelLaterTx_CancelsAPendingTimerWithItsTransaction(t *testing.T) {
 	for _, kind := range dialects {
@@ -197,13 +197,13 @@ func TestTryCancelLaterTx_CancelsAPendingTimerWithItsTransaction(t *testing.T) {
 			if err := s.Handle("h", recordEffect("")); err != nil {
 				t.Fatal(err)
 			}
-			for _, id := range []string{"cancelled", "rolled-back"} {
+			for _, id := range []string{"cancelled", "cancelled-too", "rolled-back"} {
 				if err := s.Schedule(ctx, t0.Add(time.Minute), timer.ToHandler("h"), newMsg(id)); err != nil {
 					t.Fatal(err)
 				}
 			}
 			if err := db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
-				return s.TryCancelLaterTx(ctx, tx, "cancelled")
+				return s.TryCancelLaterTx(ctx, tx, "cancelled", "cancelled-too")
 			}); err != nil {
 				t.Fatal(err)
 			}
@@ -216,8 +216,8 @@ func TestTryCancelLaterTx_CancelsAPendingTimerWithItsTransaction(t *testing.T) {
 			}); !errors.Is(err, errAbort) {
 				t.Fatalf("InTx = %v", err)
 			}
-			if isStored(t, db, "cancelled") || !isStored(t, db, "rolled-back") {
-				t.Fatal("want the cancelled timer gone and the one whose cancellation rolled back kept")
+			if isStored(t, db, "cancelled") || isStored(t, db, "cancelled-too") || !isStored(t, db, "rolled-back") {
+				t.Fatal("want the cancelled timers gone and the one whose cancellation rolled back kept")
 			}
 			run(t, s)
 			clock.Advance(time.Minute)
@@ -256,6 +256,9 @@ func TestTryCancelLaterTx_LeavesATimerASchedulerHolds(t *testing.T) {
 			if err := s.Schedule(ctx, t0.Add(time.Minute), timer.ToHandler("h"), newMsg("held")); err != nil {
 				t.Fatal(err)
 			}
+			if err := s.Schedule(ctx, t0.Add(time.Hour), timer.ToHandler("h"), newMsg("pending")); err != nil {
+				t.Fatal(err)
+			}
 			run(t, s)
 			t.Cleanup(releaseOnce) // before Run's cleanup, which waits for the handler
 			clock.Advance(time.Minute)
@@ -271,7 +274,8 @@ func TestTryCancelLaterTx_LeavesATimerASchedulerHolds(t *testing.T) {
 			done := make(chan result, 1)
 			go func() {
 				err := db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
-					return s.TryCancelLaterTx(ctx, tx, "held")
+					// The pending timer is cancelled with it, by one statement.
+					return s.TryCancelLaterTx(ctx, tx, "held", "pending")
 				})
 				var ok bool
 				if err == nil {

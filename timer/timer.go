@@ -329,17 +329,33 @@ func (s *Scheduler) TryCancelTx(ctx context.Context, tx sqldb.Tx, id string) (bo
 }
 
 // TryCancelLaterTx is TryCancelTx for a caller that does not need to know
-// whether the timer was cancelled: the DELETE is run by sqldb.ExecLater, so
-// on PostgreSQL it travels with tx's next statement or its commit instead
-// of costing a round trip of its own, and its error, if any, is returned
-// by that statement or commit. It never waits either: a timer a concurrent
-// transaction holds at that moment is left alone, and its handler must
-// find that it has nothing to do. On SQLite, where write transactions take
-// turns, it is CancelTx. Use it where TryCancelTx's answer would be
-// ignored: a saga withdrawing the deadline of a step that was answered.
-func (s *Scheduler) TryCancelLaterTx(ctx context.Context, tx sqldb.Tx, id string) error {
-	if err := sqldb.ExecLater(ctx, tx, tryCancelQuery(tx), id); err != nil {
-		return fmt.Errorf("timer: cancel %q: %w", id, err)
+// whether the timers were cancelled, for any number of ids: the DELETE is
+// run by sqldb.ExecLater, so on PostgreSQL it travels with tx's next
+// statement or its commit instead of costing a round trip of its own, and
+// its error, if any, is returned by that statement or commit; several ids
+// are deleted by one statement. It never waits either: a timer a
+// concurrent transaction holds at that moment is left alone, and its
+// handler must find that it has nothing to do. On SQLite, where write
+// transactions take turns, it is CancelTx for each id. Use it where
+// TryCancelTx's answer would be ignored: a saga withdrawing the deadline of
+// a step that was answered.
+func (s *Scheduler) TryCancelLaterTx(ctx context.Context, tx sqldb.Tx, ids ...string) error {
+	var err error
+	switch {
+	case len(ids) == 0:
+		return nil
+	case len(ids) == 1 || tx.Dialect() != sqldb.Postgres:
+		for _, id := range ids {
+			if err = sqldb.ExecLater(ctx, tx, tryCancelQuery(tx), id); err != nil {
+				break
+			}
+		}
+	default:
+		err = sqldb.ExecLater(ctx, tx, `DELETE FROM troupe_timers WHERE id IN
+			(SELECT id FROM troupe_timers WHERE id = ANY($1) FOR UPDATE SKIP LOCKED)`, ids)
+	}
+	if err != nil {
+		return fmt.Errorf("timer: cancel %q: %w", ids, err)
 	}
 	return nil
 }
