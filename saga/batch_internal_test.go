@@ -256,3 +256,65 @@ func TestHandler_ABatchWithAReplyForAnUnknownSagaDeadLettersItAndAppliesTheOther
 		})
 	}
 }
+
+func TestStartManyTx_StartsEachSagaAsStartTxDoes(t *testing.T) {
+	for _, kind := range []string{"sqlite", "postgres"} {
+		t.Run(kind, func(t *testing.T) {
+			f := newBatchFixture(t, kind)
+			ctx := context.Background()
+			var starts []Start[batchData]
+			for i := range 3 {
+				starts = append(starts, Start[batchData]{ID: fmt.Sprintf("many-%d", i), Data: batchData{Refuse: i == 1}})
+				f.start(t, fmt.Sprintf("one-%d", i), batchData{Refuse: i == 1})
+			}
+			if err := f.db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+				return f.def.StartManyTx(ctx, tx, f.o, starts)
+			}); err != nil {
+				t.Fatal(err)
+			}
+			for i := range 3 {
+				m, o := fmt.Sprintf("many-%d", i), fmt.Sprintf("one-%d", i)
+				if got, want := normalize(f.state(t, m), m), normalize(f.state(t, o), o); got != want {
+					t.Errorf("saga %d started with others:\n%s\nalone:\n%s", i, got, want)
+				}
+				var commands int
+				if err := f.db.QueryRow(ctx, `SELECT count(*) FROM troupe_outbox WHERE topic = 'customer.commands' AND subject = $1`, m).Scan(&commands); err != nil {
+					t.Fatal(err)
+				}
+				if commands != 1 {
+					t.Errorf("saga %d: %d commands in the outbox, want 1", i, commands)
+				}
+			}
+		})
+	}
+}
+
+func TestStartManyTx_AnIDTakenOrGivenTwiceIsErrExistsAndTheRollbackLeavesNothing(t *testing.T) {
+	for _, kind := range []string{"sqlite", "postgres"} {
+		t.Run(kind, func(t *testing.T) {
+			f := newBatchFixture(t, kind)
+			ctx := context.Background()
+			f.start(t, "taken", batchData{})
+			for _, ids := range [][]string{{"new-1", "taken"}, {"new-2", "new-2"}} {
+				var starts []Start[batchData]
+				for _, id := range ids {
+					starts = append(starts, Start[batchData]{ID: id})
+				}
+				err := f.db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error { return f.def.StartManyTx(ctx, tx, f.o, starts) })
+				if !errors.Is(err, ErrExists) {
+					t.Fatalf("StartManyTx(%v) = %v, want ErrExists", ids, err)
+				}
+				if _, err := f.o.Get(ctx, ids[0]); !errors.Is(err, sqldb.ErrNoRows) {
+					t.Errorf("%s after the rolled-back start: %v, want no such saga", ids[0], err)
+				}
+			}
+			var rows int
+			if err := f.db.QueryRow(ctx, `SELECT (SELECT count(*) FROM troupe_outbox) + (SELECT count(*) FROM troupe_timers) + (SELECT count(*) FROM troupe_saga_history WHERE saga_id <> 'taken')`).Scan(&rows); err != nil {
+				t.Fatal(err)
+			}
+			if rows != 2 { // the taken saga's command and deadline
+				t.Errorf("%d outbox, timer and history rows besides the first saga's, want only its command and deadline", rows)
+			}
+		})
+	}
+}

@@ -409,9 +409,42 @@ func (def *Definition[D]) StartTx(ctx context.Context, tx sqldb.Tx, o *Orchestra
 	if err != nil {
 		return fmt.Errorf("saga: encode the data of %q: %w", sagaID, err)
 	}
-	v := def.Version
-	if v == 0 {
-		v = 1
+	return o.startTx(ctx, tx, def.Name, def.version(), sagaID, raw)
+}
+
+// version is the definition's version, 1 when not set.
+func (def *Definition[D]) version() int {
+	if def.Version == 0 {
+		return 1
 	}
-	return o.startTx(ctx, tx, def.Name, v, sagaID, raw)
+	return def.Version
+}
+
+// Start is one saga for StartManyTx to start: its id and data.
+type Start[D any] struct {
+	ID   string
+	Data D
+}
+
+// StartManyTx starts several instances of the saga in tx, as StartTx starts
+// each, but set-wise: their rows, their history, their first commands and
+// the commands' deadlines are written by one statement each for the lot
+// (on PostgreSQL), where StartTx writes them for one saga. Their local
+// steps run in turn, in the order of starts. Use it where many sagas start
+// at once: an application serving many requests together (see
+// sqldb.Batcher).
+//
+// An id already used, or given twice, is ErrExists, and tx must then be
+// rolled back, as with StartTx.
+func (def *Definition[D]) StartManyTx(ctx context.Context, tx sqldb.Tx, o *Orchestrator, starts []Start[D]) error {
+	ids := make([]string, len(starts))
+	raws := make([][]byte, len(starts))
+	for i := range starts {
+		raw, err := json.Marshal(&starts[i].Data)
+		if err != nil {
+			return fmt.Errorf("saga: encode the data of %q: %w", starts[i].ID, err)
+		}
+		ids[i], raws[i] = starts[i].ID, raw
+	}
+	return o.startManyTx(ctx, tx, def.Name, def.version(), ids, raws)
 }

@@ -217,9 +217,9 @@ type instance struct {
 	// unsaved: the row is not stored yet (a saga being started); save
 	// INSERTs it instead of updating it.
 	unsaved bool
-	// batch, when not nil, gathers what save and conclude would write, to
-	// be written for the whole batch of replies at its end.
-	batch *replyBatch
+	// batch, when not nil, gathers what save, sendMember and conclude
+	// would write, to be written for a whole batch of sagas at its end.
+	batch *batch
 }
 
 func (o *Orchestrator) startTx(ctx context.Context, tx sqldb.Tx, name string, version int, id string, data []byte) error {
@@ -258,11 +258,15 @@ func (o *Orchestrator) load(ctx context.Context, tx sqldb.Tx, id string) (*insta
 // INSERTed, first: its id may be taken (ErrExists), and its history rows
 // would then collide with the other saga's.
 func (o *Orchestrator) save(ctx context.Context, tx sqldb.Tx, in *instance) error {
-	if b := in.batch; b != nil && !in.unsaved {
+	if b := in.batch; b != nil {
 		b.history = append(b.history, in.pending...)
 		in.pending = in.pending[:0]
-		if !slices.Contains(b.sagas, in) {
-			b.sagas = append(b.sagas, in)
+		rows := &b.sagas
+		if in.unsaved {
+			rows = &b.inserts
+		}
+		if !slices.Contains(*rows, in) {
+			*rows = append(*rows, in)
 		}
 		return nil
 	}
@@ -547,7 +551,10 @@ func (o *Orchestrator) sendMember(ctx context.Context, tx sqldb.Tx, in *instance
 		if err != nil {
 			return err
 		}
-		if err := outbox.Add(ctx, tx, m.topic, cmd); err != nil {
+		if in.batch != nil {
+			message.InheritCause(ctx, cmd)
+			in.batch.outbox = append(in.batch.outbox, topicMsg{m.topic, cmd})
+		} else if err := outbox.Add(ctx, tx, m.topic, cmd); err != nil {
 			return err
 		}
 		detail = cmd.ID
@@ -562,7 +569,10 @@ func (o *Orchestrator) sendMember(ctx context.Context, tx sqldb.Tx, in *instance
 	wait, _ := m.wait(op, attempt-first)
 	// A deadline of this id that exists already (this send repeated) is
 	// kept.
-	if err := o.sched.ScheduleLaterTx(ctx, tx, o.cfg.Now().Add(wait), timer.ToHandler(DeadlineHandler), dl); err != nil {
+	if in.batch != nil {
+		message.InheritCause(ctx, dl)
+		in.batch.timers = append(in.batch.timers, timer.Timer{At: o.cfg.Now().Add(wait), Target: timer.ToHandler(DeadlineHandler), Msg: dl})
+	} else if err := o.sched.ScheduleLaterTx(ctx, tx, o.cfg.Now().Add(wait), timer.ToHandler(DeadlineHandler), dl); err != nil {
 		return err
 	}
 	o.record(in, m.name, op.String(), attempt, "sent", detail)
@@ -739,12 +749,21 @@ func (o *Orchestrator) apply(ctx context.Context, tx sqldb.Tx, in *instance, r *
 	return o.conclude(ctx, tx, def, in, st, bs, r.Op, attempt, v)
 }
 
-// replyBatch gathers the writes of a batch of replies (HandleRepliesTx)
-// that are made once for the lot, at its end.
-type replyBatch struct {
-	sagas   []*instance // the sagas whose rows to write, in the order first saved
-	history []any       // the history rows, 8 values each, in the order recorded
-	cancels []string    // the deadline timers to cancel
+// batch gathers the writes of a batch of sagas (HandleRepliesTx,
+// startManyTx) that are made once for the lot, at its end.
+type batch struct {
+	inserts []*instance   // the new sagas, whose rows to insert
+	sagas   []*instance   // the sagas whose rows to update, in the order first saved
+	history []any         // the history rows, 8 values each, in the order recorded
+	cancels []string      // the deadline timers to cancel
+	outbox  []topicMsg    // the commands sent, in the order sent
+	timers  []timer.Timer // their deadlines
+}
+
+// topicMsg is a message for the outbox and its topic.
+type topicMsg struct {
+	topic string
+	msg   *message.Message
 }
 
 // HandleRepliesTx applies participants' replies in tx, as HandleReplyTx
@@ -776,7 +795,7 @@ func (o *Orchestrator) HandleRepliesTx(ctx context.Context, tx sqldb.Tx, msgs []
 	if err != nil {
 		return err
 	}
-	b := &replyBatch{}
+	b := &batch{}
 	for i, r := range replies {
 		in := sagas[r.SagaID]
 		if in == nil {
@@ -784,6 +803,85 @@ func (o *Orchestrator) HandleRepliesTx(ctx context.Context, tx sqldb.Tx, msgs []
 		}
 		in.batch = b
 		if err := o.apply(message.WithCause(ctx, msgs[i]), tx, in, r); err != nil {
+			return err
+		}
+	}
+	return o.writeBatch(ctx, tx, b)
+}
+
+// insertBatch inserts the rows of new sagas, as save does for one: ErrExists
+// when an id is taken (or given twice).
+func (o *Orchestrator) insertBatch(ctx context.Context, tx sqldb.Tx, sagas []*instance) error {
+	if len(sagas) == 0 {
+		return nil
+	}
+	if tx.Dialect() != sqldb.Postgres {
+		for _, in := range sagas {
+			in.batch = nil
+			if err := o.save(ctx, tx, in); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	now := o.cfg.Now().UTC()
+	n := len(sagas)
+	id, name, status, awaiting, branches, reason := make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n)
+	version, step, attempt, seq := make([]int32, n), make([]int32, n), make([]int32, n), make([]int32, n)
+	data := make([][]byte, n)
+	created := make([]time.Time, n)
+	for i, in := range sagas {
+		br, err := encodeBranches(in.branches)
+		if err != nil {
+			return fmt.Errorf("saga: start %q: %w", in.id, err)
+		}
+		id[i], name[i], status[i], awaiting[i], branches[i], reason[i] = in.id, in.name, string(in.status), in.awaiting, br, in.reason
+		version[i], step[i], attempt[i], seq[i], data[i], created[i] = int32(in.version), int32(in.step), int32(in.attempt), int32(in.historySeq), in.data, in.created
+	}
+	rows, err := tx.Query(ctx, `INSERT INTO troupe_sagas (id, name, version, status, step, awaiting, attempt, branches, data, reason, history_seq, created_at, updated_at)
+		SELECT v.*, $13::timestamptz FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int[], $6::text[], $7::int[], $8::text[], $9::bytea[],
+			$10::text[], $11::int[], $12::timestamptz[]) AS v
+		ON CONFLICT (id) DO NOTHING RETURNING id`, id, name, version, status, step, awaiting, attempt, branches, data, reason, seq, created, now)
+	if err != nil {
+		return fmt.Errorf("saga: start %d sagas: %w", n, err)
+	}
+	inserted := make(map[string]bool, n)
+	for rows.Next() {
+		var got string
+		if err := rows.Scan(&got); err != nil {
+			rows.Close()
+			return fmt.Errorf("saga: start %d sagas: %w", n, err)
+		}
+		inserted[got] = true
+	}
+	if err := rows.Close(); err != nil {
+		return fmt.Errorf("saga: start %d sagas: %w", n, err)
+	}
+	for _, in := range sagas {
+		if !inserted[in.id] {
+			return fmt.Errorf("%w: %q", ErrExists, in.id)
+		}
+		in.unsaved = false
+	}
+	if len(inserted) < n {
+		return fmt.Errorf("%w: an id is given twice", ErrExists)
+	}
+	return nil
+}
+
+// startManyTx starts instances of one definition in tx, set-wise (see
+// Definition.StartManyTx).
+func (o *Orchestrator) startManyTx(ctx context.Context, tx sqldb.Tx, name string, version int, ids []string, data [][]byte) error {
+	def, err := o.definition(name, version)
+	if err != nil {
+		return err
+	}
+	b := &batch{}
+	now := o.cfg.Now().UTC()
+	for i, id := range ids {
+		in := &instance{id: id, name: name, version: version, status: Running, data: data[i], created: now, unsaved: true, batch: b}
+		o.record(in, "", "", 0, "started", "")
+		if err := o.advance(ctx, tx, def, in); err != nil {
 			return err
 		}
 	}
@@ -831,9 +929,30 @@ func (o *Orchestrator) loadMany(ctx context.Context, tx sqldb.Tx, ids []string) 
 	return out, nil
 }
 
-// writeBatch writes what a batch of replies gathered: the deadlines'
-// cancellation, the history and the sagas' rows.
-func (o *Orchestrator) writeBatch(ctx context.Context, tx sqldb.Tx, b *replyBatch) error {
+// writeBatch writes what a batch of sagas gathered: the new sagas' rows
+// first (ErrExists when an id is taken), then the commands sent and their
+// deadlines, the answered deadlines' cancellation, the history and the
+// other sagas' rows.
+func (o *Orchestrator) writeBatch(ctx context.Context, tx sqldb.Tx, b *batch) error {
+	if err := o.insertBatch(ctx, tx, b.inserts); err != nil {
+		return err
+	}
+	var topics []string
+	byTopic := map[string][]*message.Message{}
+	for _, tm := range b.outbox {
+		if _, ok := byTopic[tm.topic]; !ok {
+			topics = append(topics, tm.topic)
+		}
+		byTopic[tm.topic] = append(byTopic[tm.topic], tm.msg)
+	}
+	for _, topic := range topics {
+		if err := outbox.Add(ctx, tx, topic, byTopic[topic]...); err != nil {
+			return err
+		}
+	}
+	if err := o.sched.ScheduleAllLaterTx(ctx, tx, b.timers...); err != nil {
+		return err
+	}
 	if err := o.sched.TryCancelLaterTx(ctx, tx, b.cancels...); err != nil {
 		return err
 	}

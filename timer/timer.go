@@ -245,6 +245,55 @@ func (s *Scheduler) ScheduleLaterTx(ctx context.Context, tx sqldb.Tx, at time.Ti
 	return nil
 }
 
+// Timer is a timer to schedule with ScheduleAllLaterTx: at At, Msg goes to
+// Target.
+type Timer struct {
+	At     time.Time
+	Target Target
+	Msg    *message.Message
+}
+
+// ScheduleAllLaterTx is ScheduleLaterTx for several timers, which on
+// PostgreSQL one statement stores. Every timer is checked, and its
+// message's id assigned, before any is queued: one that ScheduleTx would
+// refuse fails the call and none is stored.
+func (s *Scheduler) ScheduleAllLaterTx(ctx context.Context, tx sqldb.Tx, timers ...Timer) error {
+	if len(timers) == 0 {
+		return nil
+	}
+	rows := make([][]any, len(timers))
+	for i, t := range timers {
+		env, err := s.prepare(ctx, t.At, t.Target, t.Msg)
+		if err != nil {
+			return err
+		}
+		rows[i] = s.timerRow(t.Msg.ID, t.Target.kind, t.Target.name, t.At, env, "")
+	}
+	if tx.Dialect() != sqldb.Postgres || len(rows) == 1 {
+		for i, r := range rows {
+			if err := sqldb.ExecLater(ctx, tx, insertTimer, r...); err != nil {
+				return fmt.Errorf("timer: schedule %q: %w", timers[i].Msg.ID, err)
+			}
+		}
+		return nil
+	}
+	n := len(rows)
+	ids, targets, payloads, schedules := make([]string, n), make([]string, n), make([][]byte, n), make([]string, n)
+	kinds := make([]int32, n)
+	due, created := make([]time.Time, n), make([]time.Time, n)
+	for i, r := range rows {
+		ids[i], kinds[i], targets[i], due[i] = r[0].(string), int32(r[1].(int)), r[2].(string), r[3].(time.Time)
+		payloads[i], schedules[i], created[i] = r[4].([]byte), r[5].(string), r[6].(time.Time)
+	}
+	err := sqldb.ExecLater(ctx, tx, `INSERT INTO troupe_timers (id, kind, target, due_at, payload, schedule, created_at)
+		SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::timestamptz[], $5::bytea[], $6::text[], $7::timestamptz[])
+		ON CONFLICT (id) DO NOTHING`, ids, kinds, targets, due, payloads, schedules, created)
+	if err != nil {
+		return fmt.Errorf("timer: schedule %d timers: %w", n, err)
+	}
+	return nil
+}
+
 // prepare checks a timer of ScheduleTx, gives msg an id and a cause, and
 // returns its envelope.
 func (s *Scheduler) prepare(ctx context.Context, at time.Time, target Target, msg *message.Message) ([]byte, error) {
