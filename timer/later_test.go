@@ -307,3 +307,71 @@ func TestTryCancelLaterTx_LeavesATimerASchedulerHolds(t *testing.T) {
 		})
 	}
 }
+
+// Timers scheduled together with ScheduleAllLaterTx are stored as
+// ScheduleTx stores them, an existing id is kept, and each fires once.
+func TestScheduleAllLaterTx_SchedulesEachTimerAndEachFiresOnce(t *testing.T) {
+	for _, kind := range dialects {
+		t.Run(kind, func(t *testing.T) {
+			db, _ := openDB(t, kind)
+			ctx := context.Background()
+			clock := newClock()
+			s := newScheduler(t, db, timer.Config{Clock: clock})
+			if err := s.Handle("h", recordEffect("")); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Schedule(ctx, t0.Add(time.Minute), timer.ToHandler("h"), newMsg("existing")); err != nil {
+				t.Fatal(err)
+			}
+			var timers []timer.Timer
+			for _, id := range []string{"a", "b", "c", "existing"} {
+				timers = append(timers, timer.Timer{At: t0.Add(2 * time.Minute), Target: timer.ToHandler("h"), Msg: newMsg(id)})
+			}
+			if err := db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error { return s.ScheduleAllLaterTx(ctx, tx, timers...) }); err != nil {
+				t.Fatal(err)
+			}
+			var due time.Time
+			if err := db.QueryRow(ctx, `SELECT due_at FROM troupe_timers WHERE id = 'existing'`).Scan(&due); err != nil || !due.Equal(t0.Add(time.Minute)) {
+				t.Fatalf("the existing timer is due %v (%v), want kept at %v", due, err, t0.Add(time.Minute))
+			}
+			run(t, s)
+			clock.Advance(2 * time.Minute)
+			waitFor(t, "every timer fired", func() bool { return countRows(t, db, `SELECT count(*) FROM troupe_timers`) == 0 })
+			for _, id := range []string{"a", "b", "c", "existing"} {
+				if n := effectCount(t, db, id); n != 1 {
+					t.Errorf("timer %s fired %d times, want once", id, n)
+				}
+			}
+		})
+	}
+}
+
+// One timer that ScheduleTx would refuse fails the whole call: none of the
+// others is stored.
+func TestScheduleAllLaterTx_OneInvalidTimerStoresNone(t *testing.T) {
+	for _, kind := range dialects {
+		t.Run(kind, func(t *testing.T) {
+			db, _ := openDB(t, kind)
+			ctx := context.Background()
+			s := newScheduler(t, db, timer.Config{Clock: newClock()})
+			timers := []timer.Timer{
+				{At: t0.Add(time.Minute), Target: timer.ToHandler("h"), Msg: newMsg("fine")},
+				{At: t0.Add(time.Minute), Target: timer.ToHandler("h"), Msg: nil},
+			}
+			var err error
+			// The caller commits anyway: nothing was queued.
+			if cerr := db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+				err = s.ScheduleAllLaterTx(ctx, tx, timers...)
+				return nil
+			}); cerr != nil {
+				t.Fatal(cerr)
+			}
+			if !errors.Is(err, timer.ErrInvalidTimer) {
+				t.Fatalf("ScheduleAllLaterTx with a nil message = %v, want ErrInvalidTimer", err)
+			}
+			if n := countRows(t, db, `SELECT count(*) FROM troupe_timers`); n != 0 {
+				t.Errorf("%d timers stored, want none", n)
+			}
+		})
+	}
+}
