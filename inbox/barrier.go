@@ -1,9 +1,12 @@
 package inbox
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/troupedev/troupe/sqldb"
@@ -282,4 +285,81 @@ func (ib *Inbox) BarrierRefusedTx(ctx context.Context, tx sqldb.Tx, sagaID, step
 		return fmt.Errorf("inbox: record the refusal of %s %s of saga %q: %w", step, op, sagaID, err)
 	}
 	return nil
+}
+
+// BarrierStep names the step of a saga whose action BarrierActionsTx
+// claims.
+type BarrierStep struct {
+	SagaID, Step string
+}
+
+// BarrierActionsTx claims, set-wise, the barrier rows of the actions of
+// steps, for a participant handling many commands in one transaction:
+// applied[i] reports that the action of steps[i] is to run now, as
+// BarrierTx's BarrierApplied does, its row inserted in tx. For the others
+// (a row is there already, or the step came earlier in steps), call
+// BarrierTx, which finds the row and tells why: a duplicate, or an action
+// refused because its compensation came first. Rows are inserted in the
+// order of (saga, step), so that concurrent claims of overlapping steps
+// wait for each other instead of deadlocking.
+func (ib *Inbox) BarrierActionsTx(ctx context.Context, tx sqldb.Tx, steps []BarrierStep) (applied []bool, err error) {
+	applied = make([]bool, len(steps))
+	first := make(map[BarrierStep]int, len(steps))
+	var keys []BarrierStep
+	for i, s := range steps {
+		if err := checkBarrierArgs(tx, s.SagaID, s.Step, BarrierAction, func(context.Context, sqldb.Tx) error { return nil }); err != nil {
+			return nil, err
+		}
+		if _, ok := first[s]; !ok {
+			first[s] = i
+			keys = append(keys, s)
+		}
+	}
+	if len(keys) == 0 {
+		return applied, nil
+	}
+	slices.SortFunc(keys, func(a, b BarrierStep) int {
+		return cmp.Or(strings.Compare(a.SagaID, b.SagaID), strings.Compare(a.Step, b.Step))
+	})
+	now := ib.cfg.Now().UTC()
+	var rows sqldb.Rows
+	if tx.Dialect() == sqldb.Postgres {
+		sagas, names := make([]string, len(keys)), make([]string, len(keys))
+		for i, k := range keys {
+			sagas[i], names[i] = k.SagaID, k.Step
+		}
+		rows, err = tx.Query(ctx, `INSERT INTO troupe_barrier (saga_id, step, op, origin, created_at)
+			SELECT s, st, 'action', 'action', $3 FROM unnest($1::text[], $2::text[]) AS u(s, st)
+			ON CONFLICT DO NOTHING RETURNING saga_id, step`, sagas, names, now)
+	} else {
+		var q strings.Builder
+		q.WriteString(`INSERT INTO troupe_barrier (saga_id, step, op, origin, created_at) VALUES `)
+		args := []any{now}
+		for i, k := range keys {
+			if i > 0 {
+				q.WriteString(", ")
+			}
+			fmt.Fprintf(&q, "($%d, $%d, 'action', 'action', $1)", len(args)+1, len(args)+2)
+			args = append(args, k.SagaID, k.Step)
+		}
+		q.WriteString(` ON CONFLICT DO NOTHING RETURNING saga_id, step`)
+		rows, err = tx.Query(ctx, q.String(), args...)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("inbox: barrier for the actions of %d steps: %w", len(keys), err)
+	}
+	for rows.Next() {
+		var s BarrierStep
+		if err := rows.Scan(&s.SagaID, &s.Step); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("inbox: barrier for the actions of %d steps: %w", len(keys), err)
+		}
+		if i, ok := first[s]; ok {
+			applied[i] = true
+		}
+	}
+	if err := rows.Close(); err != nil {
+		return nil, fmt.Errorf("inbox: barrier for the actions of %d steps: %w", len(keys), err)
+	}
+	return applied, nil
 }

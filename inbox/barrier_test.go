@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -395,4 +396,41 @@ func TestBarrierOutcome_StringsNameEachOutcome(t *testing.T) {
 			t.Errorf("BarrierOp(%d).String() = %q, want %q", int(op), got, want)
 		}
 	}
+}
+
+func TestBarrierActionsTx_ClaimsOnlyActionsNotClaimedBeforeOrEarlierInTheList(t *testing.T) {
+	forEachBarrierDB(t, func(t *testing.T, db testDB) {
+		ib := newInbox(t, db.DB, inbox.Config{})
+		runBarrier(t, db.DB, ib, "done", "reserve", inbox.BarrierAction)
+		runBarrier(t, db.DB, ib, "compensated", "reserve", inbox.BarrierCompensation)
+		steps := []inbox.BarrierStep{
+			{SagaID: "new-b", Step: "reserve"},
+			{SagaID: "done", Step: "reserve"},
+			{SagaID: "new-a", Step: "reserve"},
+			{SagaID: "compensated", Step: "reserve"},
+			{SagaID: "new-a", Step: "reserve"}, // again: the first one claims it
+			{SagaID: "new-a", Step: "ship"},
+		}
+		var applied []bool
+		if err := db.InTx(context.Background(), func(ctx context.Context, tx sqldb.Tx) error {
+			var err error
+			applied, err = ib.BarrierActionsTx(ctx, tx, steps)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if want := []bool{true, false, true, false, false, true}; !slices.Equal(applied, want) {
+			t.Fatalf("applied %v, want %v", applied, want)
+		}
+		// What was not claimed, BarrierTx tells apart; what was claimed
+		// is a duplicate now.
+		for _, c := range []struct {
+			saga string
+			want inbox.BarrierOutcome
+		}{{"done", inbox.BarrierDuplicate}, {"compensated", inbox.BarrierRefused}, {"new-a", inbox.BarrierDuplicate}} {
+			if got := runBarrier(t, db.DB, ib, c.saga, "reserve", inbox.BarrierAction); got != c.want {
+				t.Errorf("%s: BarrierTx = %v, want %v", c.saga, got, c.want)
+			}
+		}
+	})
 }

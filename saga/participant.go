@@ -82,7 +82,78 @@ func (p *Participant) Handle(commandType string, action, compensation StepFunc) 
 // that is not a saga command, or whose type no step handles, is
 // dead-lettered with the reason.
 func (p *Participant) Handler(consumer string) broker.Handler {
-	return p.ib.Handler(consumer, p.HandleTx)
+	return p.ib.BatchHandler(consumer, p.HandleBatchTx, p.HandleTx)
+}
+
+// HandleBatchTx handles commands in tx as HandleTx handles each in turn,
+// but set-wise where it can: one statement claims the barrier rows of their
+// actions (inbox.BarrierActionsTx), and one outbox.Add per reply topic
+// sends their replies. The steps run in turn, in the order of msgs. A
+// command whose action's row was there already, and a compensation, go
+// through the barrier as in HandleTx. It fails, and the inbox then handles
+// the commands one by one with HandleTx (see inbox.BatchHandler), on a
+// malformed command, one no step handles, or a step's error.
+func (p *Participant) HandleBatchTx(ctx context.Context, tx sqldb.Tx, msgs []*message.Message) error {
+	cmds := make([]*Command, len(msgs))
+	steps := make([]participantStep, len(msgs))
+	var claims []inbox.BarrierStep
+	var claimOf []int // the command of each claim
+	for i, m := range msgs {
+		cmd, err := ParseCommand(m)
+		if err != nil {
+			return err
+		}
+		st, ok := p.step(m.Type)
+		if !ok {
+			return fmt.Errorf("saga: no step handles commands of type %q", m.Type)
+		}
+		cmds[i], steps[i] = cmd, st
+		if cmd.Op == Action {
+			claims = append(claims, inbox.BarrierStep{SagaID: cmd.SagaID, Step: cmd.Step})
+			claimOf = append(claimOf, i)
+		}
+	}
+	applied, err := p.ib.BarrierActionsTx(ctx, tx, claims)
+	if err != nil {
+		return err
+	}
+	claimed := make([]bool, len(msgs))
+	for j, i := range claimOf {
+		claimed[i] = applied[j]
+	}
+	var topics []string
+	replies := map[string][]*message.Message{}
+	for i, cmd := range cmds {
+		mctx := message.WithCause(ctx, msgs[i])
+		var outcome inbox.BarrierOutcome
+		var reply Reply
+		if claimed[i] {
+			outcome = inbox.BarrierApplied
+			if reply, err = p.applied(mctx, tx, cmd, steps[i].action, inbox.BarrierAction); err != nil {
+				return err
+			}
+		} else if outcome, reply, err = p.run(mctx, tx, cmd, steps[i]); err != nil {
+			return err
+		}
+		if outcome == inbox.BarrierDuplicate && cmd.Op == Action {
+			continue // the first time's reply is in the outbox already
+		}
+		rm, err := replyMessage(p.source, cmd, reply)
+		if err != nil {
+			return err
+		}
+		message.InheritCause(mctx, rm)
+		if _, ok := replies[cmd.ReplyTo]; !ok {
+			topics = append(topics, cmd.ReplyTo)
+		}
+		replies[cmd.ReplyTo] = append(replies[cmd.ReplyTo], rm)
+	}
+	for _, topic := range topics {
+		if err := outbox.Add(ctx, tx, topic, replies[topic]...); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // HandleTx handles one command in tx, the transaction in which the caller
@@ -118,6 +189,27 @@ func (p *Participant) step(commandType string) (participantStep, bool) {
 	return st, ok
 }
 
+// applied runs fn, cmd's side op of its step, whose barrier row is claimed,
+// and returns its reply; a refusal is recorded in the barrier.
+func (p *Participant) applied(ctx context.Context, tx sqldb.Tx, cmd *Command, fn StepFunc, op inbox.BarrierOp) (Reply, error) {
+	if fn == nil {
+		return Success(nil), nil
+	}
+	reply, err := fn(ctx, tx, cmd)
+	if err != nil {
+		return Reply{}, err
+	}
+	if reply.Outcome != Succeeded && reply.Outcome != Failed {
+		return Reply{}, fmt.Errorf("saga: step %q returned a reply without an outcome (use Success or Failure)", cmd.Step)
+	}
+	if reply.Outcome == Failed {
+		if err := p.ib.BarrierRefusedTx(ctx, tx, cmd.SagaID, cmd.Step, op); err != nil {
+			return Reply{}, err
+		}
+	}
+	return reply, nil
+}
+
 // run runs cmd's side of st behind the barrier, in tx, and returns the
 // barrier's outcome and the reply, except for a duplicate action, whose
 // reply is the first one's.
@@ -128,27 +220,14 @@ func (p *Participant) run(ctx context.Context, tx sqldb.Tx, cmd *Command, st par
 	}
 	var reply Reply
 	outcome, err := p.ib.BarrierTx(ctx, tx, cmd.SagaID, cmd.Step, op, func(ctx context.Context, tx sqldb.Tx) error {
-		if fn == nil {
-			reply = Success(nil)
-			return nil
-		}
 		var err error
-		reply, err = fn(ctx, tx, cmd)
-		if err == nil && reply.Outcome != Succeeded && reply.Outcome != Failed {
-			err = fmt.Errorf("saga: step %q returned a reply without an outcome (use Success or Failure)", cmd.Step)
-		}
+		reply, err = p.applied(ctx, tx, cmd, fn, op)
 		return err
 	})
 	if err != nil {
 		return 0, Reply{}, err
 	}
 	switch outcome {
-	case inbox.BarrierApplied:
-		if reply.Outcome == Failed {
-			if err := p.ib.BarrierRefusedTx(ctx, tx, cmd.SagaID, cmd.Step, op); err != nil {
-				return 0, Reply{}, err
-			}
-		}
 	case inbox.BarrierDuplicate:
 		// A compensation's barrier row stands for one done, a null one, or
 		// one a refused action made needless: success. Say it again: the

@@ -439,3 +439,58 @@ func TestParticipant_ThroughTheBrokerRepliesOncePerSide(t *testing.T) {
 		t.Fatalf("%d replies in the outbox, want 2", all)
 	}
 }
+
+func TestParticipant_HandleBatchTxRepliesAndReservesAsCommandByCommandHandlingDoes(t *testing.T) {
+	for _, kind := range dialects {
+		t.Run(kind, func(t *testing.T) {
+			batch, single := newCustomerService(t, kind), newCustomerService(t, kind)
+			// Before the batch: an action handled, and a compensation that
+			// came before its action (a null compensation).
+			for _, c := range []*customerService{batch, single} {
+				for _, m := range []*message.Message{c.command(t, "dup", saga.Action, 10), c.command(t, "late", saga.Compensation, 5)} {
+					if err := c.deliver(t, m); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+			cmds := func(c *customerService) []*message.Message {
+				return []*message.Message{
+					c.command(t, "new", saga.Action, 30),
+					c.command(t, "dup", saga.Action, 10),   // a repeat: no second effect, no reply
+					c.command(t, "late", saga.Action, 5),   // its compensation came first: refused
+					c.command(t, "big", saga.Action, 200),  // over the limit: the step refuses
+					c.command(t, "twice", saga.Action, 20), // twice in the batch: applied once
+					c.command(t, "twice", saga.Action, 20),
+					c.command(t, "new", saga.Compensation, 30),
+				}
+			}
+			msgs := cmds(batch)
+			if err := batch.db.InTx(context.Background(), func(ctx context.Context, tx sqldb.Tx) error {
+				return batch.p.HandleBatchTx(ctx, tx, msgs)
+			}); err != nil {
+				t.Fatal(err)
+			}
+			for _, m := range cmds(single) {
+				if err := single.deliver(t, m); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if b, s := batch.reserved(t), single.reserved(t); b != s || b != 30 {
+				t.Errorf("reserved %d after the batch, %d command by command; want 30 (dup 10 + twice 20)", b, s)
+			}
+			if b, s := batch.actions.Load(), single.actions.Load(); b != s {
+				t.Errorf("the action ran %d times in the batch, %d command by command", b, s)
+			}
+			describe := func(rs []*saga.ReplyMsg) []string {
+				var out []string
+				for _, r := range rs {
+					out = append(out, r.SagaID+" "+r.Op.String()+" "+r.Outcome.String()+" "+r.Reason)
+				}
+				return out
+			}
+			if b, s := describe(batch.replies(t)), describe(single.replies(t)); strings.Join(b, "\n") != strings.Join(s, "\n") {
+				t.Errorf("replies in the batch:\n%s\ncommand by command:\n%s", strings.Join(b, "\n"), strings.Join(s, "\n"))
+			}
+		})
+	}
+}
