@@ -33,13 +33,17 @@
 //
 // # Speed
 //
-// On PostgreSQL, [ExecLater] queues a write whose result is not needed, to
-// travel with the transaction's next statement or its commit in one round
-// trip. On SQLite, where write transactions run one at a time, statements
-// stay prepared per connection (parsing is otherwise a large share of the
-// time the write lock is held), and [DB.InGroupTx] serves the small
-// transactions of concurrent callers in one, with one commit (group
-// commit), each call still rolled back alone when its fn fails.
+// On PostgreSQL, a transaction's BEGIN travels with its first statement,
+// and [ExecLater] queues a write whose result is not needed, to travel with
+// the transaction's next statement or its commit in one round trip. On
+// SQLite, where write transactions run one at a time, statements stay
+// prepared per connection (parsing is otherwise a large share of the time
+// the write lock is held), and [DB.InGroupTx] serves the small transactions
+// of concurrent callers in one, with one commit (group commit), each call
+// still rolled back alone when its fn fails. [Batcher] goes further, on
+// both dialects: the items of concurrent callers go to one set-wise
+// function, written with one statement each and one commit, each caller
+// still getting its own result or error.
 //
 // # One SQL text where the dialects agree
 //
