@@ -191,6 +191,7 @@ type Service struct {
 	bg    *background.Group
 
 	waiters wake.Waiters
+	placer  *sqldb.Batcher[placement, placed]
 }
 
 // sagaData is the CreateOrder saga's data.
@@ -265,6 +266,7 @@ func New(db *sqldb.DB, b broker.Broker, cfg Config) (*Service, error) {
 		}
 	}
 	s := &Service{db: db, b: b, cfg: cfg}
+	s.placer = sqldb.NewBatcher(db, sqldb.BatcherConfig{}, s.placeAll)
 	var err error
 	if s.relay, err = outbox.NewRelay(db, b, outbox.RelayConfig{Logger: cfg.Logger}); err != nil {
 		return nil, err
@@ -441,8 +443,10 @@ func (s *Service) waking(h broker.Handler) broker.Handler {
 }
 
 // Place validates req, creates the order PENDING and starts its business
-// transaction, in one local transaction, which it may share with orders
-// placed at the same time (sqldb.DB.InGroupTx). An invalid request returns a
+// transaction, in one local transaction, which it shares with the orders
+// placed at the same time: they are placed together, one statement for
+// all their orders, one for their sagas and so on (sqldb.Batcher,
+// saga.Definition.StartManyTx). An invalid request returns a
 // *ValidationError (errors.Is ErrInvalid).
 //
 // With req.IdempotencyKey set, the key is stored with the order in that
@@ -475,57 +479,115 @@ func (s *Service) place(ctx context.Context, req PlaceRequest) (o Order, replaye
 	if req.IdempotencyKey != "" {
 		key, fingerprint = req.IdempotencyKey, req.fingerprint()
 	}
-	var prev Order
-	// Orders placed at the same time commit together (on SQLite, where
-	// write transactions run one at a time).
-	err = s.db.InGroupTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
-		replayed = false
-		// On PostgreSQL an insert whose key another transaction has just
-		// inserted waits for that one to end: it then inserts (the other
-		// rolled back) or does nothing, never fails, so the transaction
-		// stays usable for reading the other's order.
-		insert := `INSERT INTO shop_orders (id, customer_id, items, total, state, mode, created_at, updated_at, idempotency_key, request_fingerprint)
-			VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9) ON CONFLICT (idempotency_key) DO NOTHING`
-		args := []any{o.ID, o.CustomerID, string(items), o.Total, string(o.State), string(o.Mode), now, key, fingerprint}
-		n := int64(1)
-		if key == nil {
-			// Without a key the insert cannot conflict: on PostgreSQL it
-			// travels with the saga's start.
-			err = sqldb.ExecLater(ctx, tx, insert, args...)
-		} else {
-			n, err = tx.Exec(ctx, insert, args...)
-		}
-		if err != nil {
-			return err
-		}
-		if n == 0 {
-			if key == nil {
-				return fmt.Errorf("order %s was not inserted", o.ID)
-			}
-			replayed = true
-			prev, err = orderByKey(ctx, tx, req.IdempotencyKey, fingerprint)
-			return err
-		}
-		if o.Mode == Orchestrated {
-			return s.def.StartTx(ctx, tx, s.orch, o.ID, sagaData{OrderID: o.ID, CustomerID: o.CustomerID, Total: o.Total})
-		}
-		m, err := message.NewJSON(Source, EventCreated, customer.Reservation{OrderID: o.ID, CustomerID: o.CustomerID, Amount: o.Total})
-		if err != nil {
-			return err
-		}
-		m.Subject, m.CorrelationID = o.ID, o.ID
-		return outbox.Add(ctx, tx, EventTopic, m)
-	})
+	// Orders placed at the same time are placed together, set-wise, in
+	// one transaction (sqldb.Batcher).
+	res, err := s.placer.Do(ctx, placement{order: o, items: string(items), key: key, fingerprint: fingerprint})
+	if err == nil {
+		err = res.err
+	}
 	switch {
 	case errors.Is(err, ErrIdempotencyKeyReused):
 		return Order{}, false, err
 	case err != nil:
 		return Order{}, false, fmt.Errorf("order: place: %w", err)
-	case replayed:
-		return prev, true, nil
+	case res.replayed:
+		return res.order, true, nil
 	}
 	s.relay.Notify()
 	return o, false, nil
+}
+
+// placement is an order to place (placeAll), with its items as JSON and
+// its Idempotency-Key (nil for none) and request's fingerprint.
+type placement struct {
+	order       Order
+	items       string
+	key         any
+	fingerprint string
+}
+
+// placed is what became of a placement: the order it created, or the one
+// its key had created already (replayed), or why neither.
+type placed struct {
+	order    Order
+	replayed bool
+	err      error
+}
+
+// placeAll places orders in tx, set-wise: one INSERT for the orders, and
+// their sagas started together (saga.Definition.StartManyTx) or their
+// OrderCreated events added by one outbox.Add. An order whose
+// Idempotency-Key an order has already gets that order back, replayed,
+// or ErrIdempotencyKeyReused, and starts nothing. On PostgreSQL an insert
+// whose key another transaction has just inserted waits for that one to
+// end: it then inserts (the other rolled back) or does nothing, never
+// fails, so the transaction stays usable for reading the other's order.
+func (s *Service) placeAll(ctx context.Context, tx sqldb.Tx, ps []placement) ([]placed, error) {
+	var q strings.Builder
+	q.WriteString(`INSERT INTO shop_orders (id, customer_id, items, total, state, mode, created_at, updated_at, idempotency_key, request_fingerprint) VALUES `)
+	args := make([]any, 0, 9*len(ps))
+	for i, p := range ps {
+		if i > 0 {
+			q.WriteString(", ")
+		}
+		n := len(args)
+		fmt.Fprintf(&q, "($%d, $%d, $%d, $%d, $%d, $%d, $%d, $%d, $%d, $%d)", n+1, n+2, n+3, n+4, n+5, n+6, n+7, n+7, n+8, n+9)
+		o := p.order
+		args = append(args, o.ID, o.CustomerID, p.items, o.Total, string(o.State), string(o.Mode), o.CreatedAt, p.key, p.fingerprint)
+	}
+	q.WriteString(` ON CONFLICT (idempotency_key) DO NOTHING RETURNING id`)
+	rows, err := tx.Query(ctx, q.String(), args...)
+	if err != nil {
+		return nil, err
+	}
+	inserted := make(map[string]bool, len(ps))
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		inserted[id] = true
+	}
+	if err := rows.Close(); err != nil {
+		return nil, err
+	}
+	out := make([]placed, len(ps))
+	var starts []saga.Start[sagaData]
+	var events []*message.Message
+	for i, p := range ps {
+		o := p.order
+		if !inserted[o.ID] {
+			if p.key == nil {
+				return nil, fmt.Errorf("order %s was not inserted", o.ID)
+			}
+			prev, err := orderByKey(ctx, tx, p.key.(string), p.fingerprint)
+			out[i] = placed{order: prev, replayed: true, err: err}
+			continue
+		}
+		out[i] = placed{order: o}
+		if o.Mode == Orchestrated {
+			starts = append(starts, saga.Start[sagaData]{ID: o.ID, Data: sagaData{OrderID: o.ID, CustomerID: o.CustomerID, Total: o.Total}})
+			continue
+		}
+		m, err := message.NewJSON(Source, EventCreated, customer.Reservation{OrderID: o.ID, CustomerID: o.CustomerID, Amount: o.Total})
+		if err != nil {
+			return nil, err
+		}
+		m.Subject, m.CorrelationID = o.ID, o.ID
+		events = append(events, m)
+	}
+	if len(starts) > 0 {
+		if err := s.def.StartManyTx(ctx, tx, s.orch, starts); err != nil {
+			return nil, err
+		}
+	}
+	if len(events) > 0 {
+		if err := outbox.Add(ctx, tx, EventTopic, events...); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
 }
 
 // orderByKey reads, in tx, the order that key created, if fingerprint is
