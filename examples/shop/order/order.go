@@ -535,22 +535,33 @@ func (s *Service) placeAll(ctx context.Context, tx sqldb.Tx, ps []placement) ([]
 		o := p.order
 		args = append(args, o.ID, o.CustomerID, p.items, o.Total, string(o.State), string(o.Mode), o.CreatedAt, p.key, p.fingerprint)
 	}
-	q.WriteString(` ON CONFLICT (idempotency_key) DO NOTHING RETURNING id`)
-	rows, err := tx.Query(ctx, q.String(), args...)
-	if err != nil {
-		return nil, err
-	}
+	q.WriteString(` ON CONFLICT (idempotency_key) DO NOTHING`)
 	inserted := make(map[string]bool, len(ps))
-	for rows.Next() {
-		var id string
-		if err := rows.Scan(&id); err != nil {
-			rows.Close()
+	if !slices.ContainsFunc(ps, func(p placement) bool { return p.key != nil }) {
+		// Without keys no insert can conflict: on PostgreSQL the orders
+		// travel with the sagas' start.
+		if err := sqldb.ExecLater(ctx, tx, q.String(), args...); err != nil {
 			return nil, err
 		}
-		inserted[id] = true
-	}
-	if err := rows.Close(); err != nil {
-		return nil, err
+		for _, p := range ps {
+			inserted[p.order.ID] = true
+		}
+	} else {
+		rows, err := tx.Query(ctx, q.String()+` RETURNING id`, args...)
+		if err != nil {
+			return nil, err
+		}
+		for rows.Next() {
+			var id string
+			if err := rows.Scan(&id); err != nil {
+				rows.Close()
+				return nil, err
+			}
+			inserted[id] = true
+		}
+		if err := rows.Close(); err != nil {
+			return nil, err
+		}
 	}
 	out := make([]placed, len(ps))
 	var starts []saga.Start[sagaData]
