@@ -193,10 +193,11 @@ func (r *run) pendingShopOrders(ctx context.Context) []string {
 		}
 		return "[" + s + "]"
 	}
-	var out []string
-	for _, id := range ids {
+	// claims lists the messages about order id in from's outbox, each
+	// with the inbox rows that claim it in to.
+	claims := func(from, to *sqldb.DB, id string) string {
 		var msgIDs []string
-		if rows, err := orderDB.Query(ctx, `SELECT id FROM troupe_outbox WHERE subject = $1 ORDER BY seq`, id); err == nil {
+		if rows, err := from.Query(ctx, `SELECT id FROM troupe_outbox WHERE subject = $1 ORDER BY seq`, id); err == nil {
 			for rows.Next() {
 				var m string
 				if rows.Scan(&m) == nil {
@@ -205,14 +206,19 @@ func (r *run) pendingShopOrders(ctx context.Context) []string {
 			}
 			rows.Close()
 		}
-		var claims []string
+		var out []string
 		for _, m := range msgIDs {
-			claims = append(claims, m+": "+list(customerDB, `SELECT COALESCE(string_agg(consumer || ' at ' || handled_at::text, ', '), 'not claimed') FROM troupe_inbox WHERE message_id = $1`, m))
+			out = append(out, m+": "+list(to, `SELECT COALESCE(string_agg(consumer || ' at ' || handled_at::text, ', '), 'not claimed') FROM troupe_inbox WHERE message_id = $1`, m))
 		}
-		out = append(out, fmt.Sprintf("shop order %s is PENDING: Order outbox %s (Customer inbox: %s), Customer outbox %s, Customer barrier %s, flow events %s", id,
+		return strings.Join(out, "; ")
+	}
+	var out []string
+	for _, id := range ids {
+		out = append(out, fmt.Sprintf("shop order %s is PENDING: Order outbox %s (Customer inbox: %s), Customer outbox %s (Order inbox: %s), Customer barrier %s, flow events %s", id,
 			list(orderDB, `SELECT COALESCE(string_agg(topic || ' ' || CASE WHEN delivered_at IS NULL THEN 'pending' ELSE 'delivered' END, ', ' ORDER BY seq), '') FROM troupe_outbox WHERE subject = $1`, id),
-			strings.Join(claims, "; "),
+			claims(orderDB, customerDB, id),
 			list(customerDB, `SELECT COALESCE(string_agg(topic || ' ' || CASE WHEN delivered_at IS NULL THEN 'pending' ELSE 'delivered' END, ', ' ORDER BY seq), '') FROM troupe_outbox WHERE subject = $1`, id),
+			claims(customerDB, orderDB, id),
 			list(customerDB, `SELECT COALESCE(string_agg(op || '/' || origin, ', '), '') FROM troupe_barrier WHERE saga_id = $1`, id),
 			list(orderDB, `SELECT COALESCE(string_agg(type || ' (' || role || ')', ', ' ORDER BY msg_time), '') FROM troupe_flow_events WHERE flow_id = $1`, id)))
 	}
