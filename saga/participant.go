@@ -96,8 +96,7 @@ func (p *Participant) Handler(consumer string) broker.Handler {
 func (p *Participant) HandleBatchTx(ctx context.Context, tx sqldb.Tx, msgs []*message.Message) error {
 	cmds := make([]*Command, len(msgs))
 	steps := make([]participantStep, len(msgs))
-	var claims []inbox.BarrierStep
-	var claimOf []int // the command of each claim
+	compensated := map[inbox.BarrierStep]bool{} // steps with a compensation in the batch
 	for i, m := range msgs {
 		cmd, err := ParseCommand(m)
 		if err != nil {
@@ -108,8 +107,20 @@ func (p *Participant) HandleBatchTx(ctx context.Context, tx sqldb.Tx, msgs []*me
 			return fmt.Errorf("saga: no step handles commands of type %q", m.Type)
 		}
 		cmds[i], steps[i] = cmd, st
-		if cmd.Op == Action {
-			claims = append(claims, inbox.BarrierStep{SagaID: cmd.SagaID, Step: cmd.Step})
+		if cmd.Op == Compensation {
+			compensated[inbox.BarrierStep{SagaID: cmd.SagaID, Step: cmd.Step}] = true
+		}
+	}
+	// The actions are claimed up front, except those of a step whose
+	// compensation is in the batch too: they go through the barrier in
+	// the batch's order, so that a compensation that comes first still
+	// makes its late action refused.
+	var claims []inbox.BarrierStep
+	var claimOf []int // the command of each claim
+	for i, cmd := range cmds {
+		k := inbox.BarrierStep{SagaID: cmd.SagaID, Step: cmd.Step}
+		if cmd.Op == Action && !compensated[k] {
+			claims = append(claims, k)
 			claimOf = append(claimOf, i)
 		}
 	}

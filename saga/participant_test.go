@@ -462,6 +462,10 @@ func TestParticipant_HandleBatchTxRepliesAndReservesAsCommandByCommandHandlingDo
 					c.command(t, "twice", saga.Action, 20), // twice in the batch: applied once
 					c.command(t, "twice", saga.Action, 20),
 					c.command(t, "new", saga.Compensation, 30),
+					// A compensation that comes before its action in the
+					// batch: null, and the late action refused.
+					c.command(t, "early", saga.Compensation, 40),
+					c.command(t, "early", saga.Action, 40),
 				}
 			}
 			msgs := cmds(batch)
