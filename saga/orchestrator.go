@@ -930,8 +930,8 @@ func (o *Orchestrator) loadMany(ctx context.Context, tx sqldb.Tx, ids []string) 
 }
 
 // writeBatch writes what a batch of sagas gathered: the new sagas' rows
-// first (ErrExists when an id is taken), then the commands sent and their
-// deadlines, the answered deadlines' cancellation, the history and the
+// first (ErrExists when an id is taken), then the commands sent, the
+// answered deadlines' cancellation, the new deadlines, the history and the
 // other sagas' rows.
 func (o *Orchestrator) writeBatch(ctx context.Context, tx sqldb.Tx, b *batch) error {
 	if err := o.insertBatch(ctx, tx, b.inserts); err != nil {
@@ -950,10 +950,12 @@ func (o *Orchestrator) writeBatch(ctx context.Context, tx sqldb.Tx, b *batch) er
 			return err
 		}
 	}
-	if err := o.sched.ScheduleAllLaterTx(ctx, tx, b.timers...); err != nil {
+	// The answered deadlines first, as a saga applying its replies one
+	// by one cancels a deadline before it sends anything new.
+	if err := o.sched.TryCancelLaterTx(ctx, tx, b.cancels...); err != nil {
 		return err
 	}
-	if err := o.sched.TryCancelLaterTx(ctx, tx, b.cancels...); err != nil {
+	if err := o.sched.ScheduleAllLaterTx(ctx, tx, b.timers...); err != nil {
 		return err
 	}
 	if tx.Dialect() != sqldb.Postgres {
