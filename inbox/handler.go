@@ -341,7 +341,7 @@ func (ib *Inbox) run(ctx context.Context, consumer string, hs handlers, batch []
 			return err
 		}
 		alone := len(claimed) == 1
-		if hs.batch != nil && !savepoints && !alone {
+		if hs.batch != nil && !savepoints && len(claimed) > 1 {
 			return ib.runBatch(ctx, tx, consumer, hs.batch, batch, res, claimed)
 		}
 		inSavepoint, aloneFailed := false, false

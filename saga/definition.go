@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"time"
 
+	"github.com/troupedev/troupe/message"
 	"github.com/troupedev/troupe/sqldb"
 )
 
@@ -420,10 +421,14 @@ func (def *Definition[D]) version() int {
 	return def.Version
 }
 
-// Start is one saga for StartManyTx to start: its id and data.
+// Start is one saga for StartManyTx to start: its id and data, and the
+// message that caused it, if any, whose correlation id, causation id and
+// trace parent its commands inherit (as StartTx's inherit ctx's cause,
+// message.CauseFrom). Nil: ctx's cause.
 type Start[D any] struct {
-	ID   string
-	Data D
+	ID    string
+	Data  D
+	Cause *message.Message
 }
 
 // StartManyTx starts several instances of the saga in tx, as StartTx starts
@@ -439,12 +444,13 @@ type Start[D any] struct {
 func (def *Definition[D]) StartManyTx(ctx context.Context, tx sqldb.Tx, o *Orchestrator, starts []Start[D]) error {
 	ids := make([]string, len(starts))
 	raws := make([][]byte, len(starts))
+	causes := make([]*message.Message, len(starts))
 	for i := range starts {
 		raw, err := json.Marshal(&starts[i].Data)
 		if err != nil {
 			return fmt.Errorf("saga: encode the data of %q: %w", starts[i].ID, err)
 		}
-		ids[i], raws[i] = starts[i].ID, raw
+		ids[i], raws[i], causes[i] = starts[i].ID, raw, starts[i].Cause
 	}
-	return o.startManyTx(ctx, tx, def.Name, def.version(), ids, raws)
+	return o.startManyTx(ctx, tx, def.Name, def.version(), ids, raws, causes)
 }

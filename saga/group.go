@@ -135,7 +135,7 @@ func (o *Orchestrator) undoGroup(ctx context.Context, tx sqldb.Tx, in *instance,
 			continue
 		}
 		if bs.Status == branchSent {
-			if _, err := o.sched.TryCancelTx(ctx, tx, branchDeadlineID(in.id, in.step, b.name, Action, bs.Attempt)); err != nil {
+			if err := o.cancelDeadline(ctx, tx, in, branchDeadlineID(in.id, in.step, b.name, Action, bs.Attempt)); err != nil {
 				return false, err
 			}
 			if b.isHTTP() {

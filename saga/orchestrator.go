@@ -639,10 +639,7 @@ func (o *Orchestrator) conclude(ctx context.Context, tx sqldb.Tx, def *definitio
 		// Not CancelTx: a scheduler firing this deadline holds the timer's
 		// row and waits for the saga's, which this transaction holds. It
 		// then finds the side answered and does nothing.
-		id := deadlineOf(in, m, inGroup, op, attempt)
-		if in.batch != nil {
-			in.batch.cancels = append(in.batch.cancels, id)
-		} else if err := o.sched.TryCancelLaterTx(ctx, tx, id); err != nil {
+		if err := o.cancelDeadline(ctx, tx, in, deadlineOf(in, m, inGroup, op, attempt)); err != nil {
 			return err
 		}
 	}
@@ -760,6 +757,18 @@ type batch struct {
 	timers  []timer.Timer // their deadlines
 }
 
+// cancelDeadline withdraws the deadline timer id of in, answered or
+// abandoned: in a batch, with the batch's cancellations (or, if the batch
+// scheduled it, by not scheduling it); alone, at once.
+func (o *Orchestrator) cancelDeadline(ctx context.Context, tx sqldb.Tx, in *instance, id string) error {
+	if b := in.batch; b != nil {
+		b.timers = slices.DeleteFunc(b.timers, func(t timer.Timer) bool { return t.Msg.ID == id })
+		b.cancels = append(b.cancels, id)
+		return nil
+	}
+	return o.sched.TryCancelLaterTx(ctx, tx, id)
+}
+
 // topicMsg is a message for the outbox and its topic.
 type topicMsg struct {
 	topic string
@@ -871,7 +880,7 @@ func (o *Orchestrator) insertBatch(ctx context.Context, tx sqldb.Tx, sagas []*in
 
 // startManyTx starts instances of one definition in tx, set-wise (see
 // Definition.StartManyTx).
-func (o *Orchestrator) startManyTx(ctx context.Context, tx sqldb.Tx, name string, version int, ids []string, data [][]byte) error {
+func (o *Orchestrator) startManyTx(ctx context.Context, tx sqldb.Tx, name string, version int, ids []string, data [][]byte, causes []*message.Message) error {
 	def, err := o.definition(name, version)
 	if err != nil {
 		return err
@@ -881,7 +890,11 @@ func (o *Orchestrator) startManyTx(ctx context.Context, tx sqldb.Tx, name string
 	for i, id := range ids {
 		in := &instance{id: id, name: name, version: version, status: Running, data: data[i], created: now, unsaved: true, batch: b}
 		o.record(in, "", "", 0, "started", "")
-		if err := o.advance(ctx, tx, def, in); err != nil {
+		sctx := ctx
+		if causes[i] != nil {
+			sctx = message.WithCause(ctx, causes[i])
+		}
+		if err := o.advance(sctx, tx, def, in); err != nil {
 			return err
 		}
 	}

@@ -481,7 +481,7 @@ func (s *Service) place(ctx context.Context, req PlaceRequest) (o Order, replaye
 	}
 	// Orders placed at the same time are placed together, set-wise, in
 	// one transaction (sqldb.Batcher).
-	res, err := s.placer.Do(ctx, placement{order: o, items: string(items), key: key, fingerprint: fingerprint})
+	res, err := s.placer.Do(ctx, placement{order: o, items: string(items), key: key, fingerprint: fingerprint, cause: message.CauseFrom(ctx)})
 	if err == nil {
 		err = res.err
 	}
@@ -504,6 +504,7 @@ type placement struct {
 	items       string
 	key         any
 	fingerprint string
+	cause       *message.Message // the message that caused the Place, if any (message.CauseFrom)
 }
 
 // placed is what became of a placement: the order it created, or the one
@@ -523,10 +524,21 @@ type placed struct {
 // end: it then inserts (the other rolled back) or does nothing, never
 // fails, so the transaction stays usable for reading the other's order.
 func (s *Service) placeAll(ctx context.Context, tx sqldb.Tx, ps []placement) ([]placed, error) {
+	// ctx is the batch's (its first caller's): each order's messages take
+	// their own Place's cause instead.
+	ctx = message.WithCause(ctx, nil)
+	// The rows go in in key order, so that two transactions inserting
+	// overlapping keys wait for each other instead of deadlocking.
+	byKey := slices.Clone(ps)
+	slices.SortStableFunc(byKey, func(a, b placement) int {
+		ka, _ := a.key.(string)
+		kb, _ := b.key.(string)
+		return strings.Compare(ka, kb)
+	})
 	var q strings.Builder
 	q.WriteString(`INSERT INTO shop_orders (id, customer_id, items, total, state, mode, created_at, updated_at, idempotency_key, request_fingerprint) VALUES `)
 	args := make([]any, 0, 9*len(ps))
-	for i, p := range ps {
+	for i, p := range byKey {
 		if i > 0 {
 			q.WriteString(", ")
 		}
@@ -578,7 +590,7 @@ func (s *Service) placeAll(ctx context.Context, tx sqldb.Tx, ps []placement) ([]
 		}
 		out[i] = placed{order: o}
 		if o.Mode == Orchestrated {
-			starts = append(starts, saga.Start[sagaData]{ID: o.ID, Data: sagaData{OrderID: o.ID, CustomerID: o.CustomerID, Total: o.Total}})
+			starts = append(starts, saga.Start[sagaData]{ID: o.ID, Data: sagaData{OrderID: o.ID, CustomerID: o.CustomerID, Total: o.Total}, Cause: p.cause})
 			continue
 		}
 		m, err := message.NewJSON(Source, EventCreated, customer.Reservation{OrderID: o.ID, CustomerID: o.CustomerID, Amount: o.Total})
@@ -586,6 +598,9 @@ func (s *Service) placeAll(ctx context.Context, tx sqldb.Tx, ps []placement) ([]
 			return nil, err
 		}
 		m.Subject, m.CorrelationID = o.ID, o.ID
+		if p.cause != nil {
+			message.InheritCause(message.WithCause(ctx, p.cause), m)
+		}
 		events = append(events, m)
 	}
 	if len(starts) > 0 {
