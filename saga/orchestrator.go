@@ -254,9 +254,10 @@ func (o *Orchestrator) load(ctx context.Context, tx sqldb.Tx, id string) (*insta
 }
 
 // save writes the saga's row and the history recorded since the last
-// save, in one statement. A saga being started (unsaved) has its row
+// save (one statement each). A saga being started (unsaved) has its row
 // INSERTed, first: its id may be taken (ErrExists), and its history rows
-// would then collide with the other saga's.
+// would then collide with the other saga's. In a batch (in.batch), both
+// are left to the batch, written for all its sagas at its end.
 func (o *Orchestrator) save(ctx context.Context, tx sqldb.Tx, in *instance) error {
 	if b := in.batch; b != nil {
 		b.history = append(b.history, in.pending...)
