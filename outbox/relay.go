@@ -345,10 +345,7 @@ func (r *Relay) read(ctx context.Context, parts []int, skip []int64) ([]pending,
 	}
 	var out []pending
 	perPart := map[int]int{}
-	scan := func(rows interface {
-		Next() bool
-		Scan(...any) error
-	}) error {
+	scan := func(rows rowScanner) error {
 		for rows.Next() {
 			var p pending
 			if err := rows.Scan(&p.Seq, &p.ID, &p.Topic, &p.Subject, &p.Partition, &p.Envelope); err != nil {
@@ -393,10 +390,7 @@ func (r *Relay) read(ctx context.Context, parts []int, skip []int64) ([]pending,
 // whole backlog every round. A connection of its own keeps those settings
 // out of the pool, and lets a read be one statement, not a transaction of
 // four. A reader whose read failed is closed; the next read connects anew.
-func (r *Relay) readPostgres(ctx context.Context, q string, args []any, scan func(rows interface {
-	Next() bool
-	Scan(...any) error
-}) error) error {
+func (r *Relay) readPostgres(ctx context.Context, q string, args []any, scan func(rowScanner) error) error {
 	if r.reader == nil {
 		cfg := r.db.Pool().Config().ConnConfig.Copy()
 		if cfg.RuntimeParams == nil {
@@ -420,6 +414,12 @@ func (r *Relay) readPostgres(ctx context.Context, q string, args []any, scan fun
 		r.closeReader()
 	}
 	return err
+}
+
+// rowScanner is what read needs of the rows of pgx and of sqldb.
+type rowScanner interface {
+	Next() bool
+	Scan(...any) error
 }
 
 // closeReader closes the reader connection, if any.

@@ -261,33 +261,33 @@ func (s *Scheduler) ScheduleAllLaterTx(ctx context.Context, tx sqldb.Tx, timers 
 	if len(timers) == 0 {
 		return nil
 	}
-	rows := make([][]any, len(timers))
+	envs := make([][]byte, len(timers))
 	for i, t := range timers {
 		env, err := s.prepare(ctx, t.At, t.Target, t.Msg)
 		if err != nil {
 			return err
 		}
-		rows[i] = s.timerRow(t.Msg.ID, t.Target.kind, t.Target.name, t.At, env, "")
+		envs[i] = env
 	}
-	if tx.Dialect() != sqldb.Postgres || len(rows) == 1 {
-		for i, r := range rows {
-			if err := sqldb.ExecLater(ctx, tx, insertTimer, r...); err != nil {
-				return fmt.Errorf("timer: schedule %q: %w", timers[i].Msg.ID, err)
+	if tx.Dialect() != sqldb.Postgres || len(timers) == 1 {
+		for i, t := range timers {
+			if err := sqldb.ExecLater(ctx, tx, insertTimer, s.timerRow(t.Msg.ID, t.Target.kind, t.Target.name, t.At, envs[i], "")...); err != nil {
+				return fmt.Errorf("timer: schedule %q: %w", t.Msg.ID, err)
 			}
 		}
 		return nil
 	}
-	n := len(rows)
-	ids, targets, payloads, schedules := make([]string, n), make([]string, n), make([][]byte, n), make([]string, n)
+	n := len(timers)
+	ids, targets := make([]string, n), make([]string, n)
 	kinds := make([]int32, n)
-	due, created := make([]time.Time, n), make([]time.Time, n)
-	for i, r := range rows {
-		ids[i], kinds[i], targets[i], due[i] = r[0].(string), int32(r[1].(int)), r[2].(string), r[3].(time.Time)
-		payloads[i], schedules[i], created[i] = r[4].([]byte), r[5].(string), r[6].(time.Time)
+	due := make([]time.Time, n)
+	for i, t := range timers {
+		ids[i], kinds[i], targets[i], due[i] = t.Msg.ID, int32(t.Target.kind), t.Target.name, t.At.UTC()
 	}
 	err := sqldb.ExecLater(ctx, tx, `INSERT INTO troupe_timers (id, kind, target, due_at, payload, schedule, created_at)
-		SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::timestamptz[], $5::bytea[], $6::text[], $7::timestamptz[])
-		ON CONFLICT (id) DO NOTHING`, ids, kinds, targets, due, payloads, schedules, created)
+		SELECT id, kind, target, due_at, payload, '', $6 FROM unnest($1::text[], $2::int[], $3::text[], $4::timestamptz[], $5::bytea[])
+			AS t(id, kind, target, due_at, payload)
+		ON CONFLICT (id) DO NOTHING`, ids, kinds, targets, due, envs, s.cfg.Clock.Now().UTC())
 	if err != nil {
 		return fmt.Errorf("timer: schedule %d timers: %w", n, err)
 	}
