@@ -94,6 +94,10 @@ type Subscription interface {
 // default redelivery delay, so a handler that returns early never loses a
 // message. Settlements take effect after the handler returns.
 //
+// The batch slice is the handler's: it may reorder it (sort it by entity,
+// so that concurrent handlers lock rows in one order). Each settlement
+// belongs to its Delivery, wherever the handler moved it.
+//
 // A handler that panics does not end the subscription or the process: the
 // broker recovers, logs the panic with its stack at Error level, and treats
 // the call as returned. What the handler settled before panicking stands;

@@ -56,6 +56,7 @@ func Run(t *testing.T, newBroker Factory, f Features) {
 		{"NewGroupStartsAtOldestMessage", s.testNewGroupStartsAtOldestMessage},
 		{"NakRedeliversAfterDelay", s.testNakRedeliversAfterDelay},
 		{"UnsettledIsRedelivered", s.testUnsettledIsRedelivered},
+		{"HandlerMayReorderItsBatch", s.testHandlerMayReorderItsBatch},
 		{"CrashedConsumerMessagesRedelivered", s.testCrashedConsumerMessagesRedelivered},
 		{"GroupResumesAfterRestart", s.testGroupResumesAfterRestart},
 		{"GroupsAreIndependent", s.testGroupsAreIndependent},

@@ -3,6 +3,7 @@ package brokertest
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -203,6 +204,68 @@ func (s *suite) testNakRedeliversAfterDelay(t *testing.T) {
 	}
 	if d := all[2].at.Sub(all[1].at); d < nakDelay {
 		t.Errorf("Nak(0) with NakDelay %v redelivered after %v", nakDelay, d)
+	}
+}
+
+// testHandlerMayReorderItsBatch: a handler may reorder its batch in place
+// (sort it by entity, to lock rows in one order); each settlement still
+// reaches the message of its own delivery. Every other message is Nak'ed on
+// its first delivery and its neighbours acked, and the handler moves its
+// first delivery to the end: a settlement that followed the slice's place
+// instead of the delivery would redeliver an acked message and drop a
+// Nak'ed one.
+func (s *suite) testHandlerMayReorderItsBatch(t *testing.T) {
+	b := s.open(t)
+	topic, group := s.name(t, "t"), s.name(t, "g")
+	msgs := newMessages(40, "a", "b", "c", "d")
+	nak := make(map[string]bool, len(msgs))
+	for i, m := range msgs {
+		nak[m.ID] = i%2 == 1
+	}
+	publish(t, b, topic, msgs...)
+
+	in := newInbox()
+	settle := recording(in, 0, func(d *broker.Delivery) {
+		if nak[d.Msg.ID] && d.Attempt == 1 {
+			d.Nak(10 * time.Millisecond)
+			return
+		}
+		d.Ack()
+	})
+	s.subscribe(t, b, broker.SubscribeConfig{Topic: topic, Group: group, NakDelay: 10 * time.Millisecond},
+		func(ctx context.Context, batch []*broker.Delivery) {
+			first := batch[0]
+			copy(batch, batch[1:])
+			batch[len(batch)-1] = first
+			settle(ctx, batch)
+		})
+
+	acked := func(all []got) []string {
+		var again []string
+		for id, n := range countIDs(all) {
+			if !nak[id] && n > 1 {
+				again = append(again, id)
+			}
+		}
+		return again
+	}
+	all := in.waitUntil(t, "every Nak'ed message delivered again, and no acked one", func(all []got) bool {
+		if len(acked(all)) > 0 {
+			return true // fails below
+		}
+		n := countIDs(all)
+		for _, m := range msgs {
+			if nak[m.ID] && n[m.ID] < 2 {
+				return false
+			}
+		}
+		return true
+	})
+	if again := acked(all); len(again) > 0 {
+		t.Fatalf("%d acked messages delivered again (a settlement reached another delivery's message): %v", len(again), again)
+	}
+	if !slices.ContainsFunc(all, func(g got) bool { return g.batchSize > 1 }) {
+		t.Error("no batch of two or more deliveries: the reordering was not exercised")
 	}
 }
 

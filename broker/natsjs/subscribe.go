@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"time"
 
@@ -283,7 +284,11 @@ func (s *subscription) handle(p *pull, msgs []jetstream.Msg) {
 	if len(deliveries) == 0 {
 		return
 	}
-	s.call(deliveries)
+	// The handler gets a slice of its own: it may reorder it (sort it by
+	// entity, as the saga orchestrator does), and raws[i] must stay the
+	// message of deliveries[i], or a settlement would reach another message
+	// (an Ack meant for a handled message would drop one that failed).
+	s.call(slices.Clone(deliveries))
 	for i, d := range deliveries {
 		s.settle(p, raws[i], d)
 	}
