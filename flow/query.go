@@ -133,7 +133,7 @@ func (t *Tracker) addServices(ctx context.Context, flows []Flow) error {
 	for i, f := range flows {
 		index[f.ID], ids[i] = i, f.ID
 	}
-	rows, err := t.db.Query(ctx, `SELECT flow_id, source FROM troupe_flow_events WHERE flow_id IN (`+placeholders(1, len(ids))+`)
+	rows, err := t.db.Query(ctx, `SELECT flow_id, source FROM troupe_flow_events WHERE flow_id IN (`+sqldb.List(1, len(ids))+`)
 		GROUP BY flow_id, source ORDER BY flow_id, MIN(msg_time), source`, anys(ids)...)
 	if err != nil {
 		return fmt.Errorf("read services: %w", err)
@@ -298,7 +298,7 @@ func (t *Tracker) pruneOnce(ctx context.Context, endedBefore time.Time, limit in
 		if err := rows.Close(); err != nil || len(ids) == 0 {
 			return err
 		}
-		in := placeholders(1, len(ids))
+		in := sqldb.List(1, len(ids))
 		if _, err := tx.Exec(ctx, `DELETE FROM troupe_flow_events WHERE flow_id IN (`+in+`)`, anys(ids)...); err != nil {
 			return err
 		}

@@ -329,8 +329,9 @@ const lookupChunk = 500
 // knownFlows returns which of ids are recorded flows.
 func knownFlows(ctx context.Context, tx sqldb.Tx, ids []string) (map[string]bool, error) {
 	known := map[string]bool{}
-	for chunk := range slices.Chunk(ids, lookupChunk) {
-		rows, err := tx.Query(ctx, "SELECT id FROM troupe_flows WHERE id IN ("+placeholders(1, len(chunk))+")", anys(chunk)...)
+	for lo, hi := range sqldb.Chunks(tx.Dialect(), len(ids), lookupChunk) {
+		chunk := ids[lo:hi]
+		rows, err := tx.Query(ctx, "SELECT id FROM troupe_flows WHERE id IN ("+sqldb.List(1, len(chunk))+")", anys(chunk)...)
 		if err != nil {
 			return nil, fmt.Errorf("flow: look up %d flows: %w", len(chunk), err)
 		}
@@ -362,7 +363,8 @@ func insertEvents(ctx context.Context, tx sqldb.Tx, now time.Time, entries []*en
 		return cmp.Or(strings.Compare(a.m.Source, b.m.Source), strings.Compare(a.m.ID, b.m.ID))
 	})
 	inserted := make(map[msgKey]bool, len(entries))
-	for chunk := range slices.Chunk(sorted, insertChunk) {
+	for lo, hi := range sqldb.Chunks(tx.Dialect(), len(sorted), insertChunk) {
+		chunk := sorted[lo:hi]
 		var q strings.Builder
 		q.WriteString(`INSERT INTO troupe_flow_events (source, message_id, flow_id, definition, role, type, subject, causation_id, msg_time, recorded_at) VALUES `)
 		args := make([]any, 0, 1+9*len(chunk))
@@ -571,18 +573,6 @@ func defaultReason(m *message.Message) string {
 		return ""
 	}
 	return v.Reason
-}
-
-// placeholders returns "$from, $from+1, ..." for n parameters.
-func placeholders(from, n int) string {
-	var b strings.Builder
-	for i := range n {
-		if i > 0 {
-			b.WriteString(", ")
-		}
-		fmt.Fprintf(&b, "$%d", from+i)
-	}
-	return b.String()
 }
 
 func anys[T any](s []T) []any {

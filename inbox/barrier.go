@@ -293,6 +293,10 @@ type BarrierStep struct {
 	SagaID, Step string
 }
 
+// barrierRows is the most barrier rows one SQLite statement claims, well
+// below its limit on parameters.
+const barrierRows = 500
+
 // BarrierActionsTx claims, set-wise, the barrier rows of the actions of
 // steps, for a participant handling many commands in one transaction:
 // applied[i] reports that the action of steps[i] is to run now, as
@@ -322,16 +326,16 @@ func (ib *Inbox) BarrierActionsTx(ctx context.Context, tx sqldb.Tx, steps []Barr
 		return cmp.Or(strings.Compare(a.SagaID, b.SagaID), strings.Compare(a.Step, b.Step))
 	})
 	now := ib.cfg.Now().UTC()
-	var rows sqldb.Rows
-	if tx.Dialect() == sqldb.Postgres {
-		sagas, names := make([]string, len(keys)), make([]string, len(keys))
-		for i, k := range keys {
-			sagas[i], names[i] = k.SagaID, k.Step
+	claim := func(keys []BarrierStep) (sqldb.Rows, error) {
+		if tx.Dialect() == sqldb.Postgres {
+			sagas, names := make([]string, len(keys)), make([]string, len(keys))
+			for i, k := range keys {
+				sagas[i], names[i] = k.SagaID, k.Step
+			}
+			return tx.Query(ctx, `INSERT INTO troupe_barrier (saga_id, step, op, origin, created_at)
+				SELECT s, st, 'action', 'action', $3 FROM unnest($1::text[], $2::text[]) AS u(s, st)
+				ON CONFLICT DO NOTHING RETURNING saga_id, step`, sagas, names, now)
 		}
-		rows, err = tx.Query(ctx, `INSERT INTO troupe_barrier (saga_id, step, op, origin, created_at)
-			SELECT s, st, 'action', 'action', $3 FROM unnest($1::text[], $2::text[]) AS u(s, st)
-			ON CONFLICT DO NOTHING RETURNING saga_id, step`, sagas, names, now)
-	} else {
 		var q strings.Builder
 		q.WriteString(`INSERT INTO troupe_barrier (saga_id, step, op, origin, created_at) VALUES `)
 		args := []any{now}
@@ -343,23 +347,33 @@ func (ib *Inbox) BarrierActionsTx(ctx context.Context, tx sqldb.Tx, steps []Barr
 			args = append(args, k.SagaID, k.Step)
 		}
 		q.WriteString(` ON CONFLICT DO NOTHING RETURNING saga_id, step`)
-		rows, err = tx.Query(ctx, q.String(), args...)
+		return tx.Query(ctx, q.String(), args...)
 	}
-	if err != nil {
-		return nil, fmt.Errorf("inbox: barrier for the actions of %d steps: %w", len(keys), err)
+	// On PostgreSQL one statement takes any number of keys; on SQLite runs
+	// of a few sizes keep the statements few and under its limit on
+	// parameters.
+	most := len(keys)
+	if tx.Dialect() != sqldb.Postgres {
+		most = barrierRows
 	}
-	for rows.Next() {
-		var s BarrierStep
-		if err := rows.Scan(&s.SagaID, &s.Step); err != nil {
-			rows.Close()
+	for lo, hi := range sqldb.Chunks(tx.Dialect(), len(keys), max(most, 1)) {
+		rows, err := claim(keys[lo:hi])
+		if err != nil {
 			return nil, fmt.Errorf("inbox: barrier for the actions of %d steps: %w", len(keys), err)
 		}
-		if i, ok := first[s]; ok {
-			applied[i] = true
+		for rows.Next() {
+			var s BarrierStep
+			if err := rows.Scan(&s.SagaID, &s.Step); err != nil {
+				rows.Close()
+				return nil, fmt.Errorf("inbox: barrier for the actions of %d steps: %w", len(keys), err)
+			}
+			if i, ok := first[s]; ok {
+				applied[i] = true
+			}
 		}
-	}
-	if err := rows.Close(); err != nil {
-		return nil, fmt.Errorf("inbox: barrier for the actions of %d steps: %w", len(keys), err)
+		if err := rows.Close(); err != nil {
+			return nil, fmt.Errorf("inbox: barrier for the actions of %d steps: %w", len(keys), err)
+		}
 	}
 	return applied, nil
 }

@@ -509,9 +509,8 @@ func (ib *Inbox) claimBatch(ctx context.Context, tx sqldb.Tx, consumer string, b
 	})
 	claimed := make(map[msgKey]bool, len(keys))
 	now := ib.cfg.Now().UTC()
-	for len(keys) > 0 {
-		chunk := keys[:min(len(keys), claimRows)]
-		keys = keys[len(chunk):]
+	for lo, hi := range sqldb.Chunks(tx.Dialect(), len(keys), claimRows) {
+		chunk := keys[lo:hi]
 		var q strings.Builder
 		q.WriteString("INSERT INTO troupe_inbox (consumer, message_id, source, handled_at) VALUES ")
 		args := make([]any, 0, 2+2*len(chunk))

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"slices"
 	"time"
+
+	"github.com/troupedev/troupe/sqldb"
 )
 
 // ensureLeaseRows creates the lease row of every partition, unheld.
@@ -13,7 +15,7 @@ func (r *Relay) ensureLeaseRows(ctx context.Context) error {
 	for p := range Partitions {
 		args = append(args, p, epoch)
 	}
-	q := "INSERT INTO troupe_outbox_leases (partition, expires_at) VALUES " + placeholders(Partitions, 2) + " ON CONFLICT (partition) DO NOTHING"
+	q := "INSERT INTO troupe_outbox_leases (partition, expires_at) VALUES " + sqldb.ValuesList(1, Partitions, 2) + " ON CONFLICT (partition) DO NOTHING"
 	if _, err := r.db.Exec(ctx, q, args...); err != nil {
 		return fmt.Errorf("outbox: create lease rows (has Migrate run?): %w", err)
 	}
@@ -63,7 +65,11 @@ func (r *Relay) leases(ctx context.Context) ([]int, time.Time, error) {
 	slices.Sort(owned)
 	if len(owned) > share {
 		extra := owned[share:]
-		if _, err := db.Exec(ctx, "UPDATE troupe_outbox_leases SET owner = '', expires_at = $1 WHERE owner = $2 AND partition IN ("+intList(extra)+")", epoch, me); err != nil {
+		args := []any{epoch, me}
+		for _, p := range extra {
+			args = append(args, p)
+		}
+		if _, err := db.Exec(ctx, "UPDATE troupe_outbox_leases SET owner = '', expires_at = $1 WHERE owner = $2 AND partition IN ("+sqldb.List(3, len(extra))+")", args...); err != nil {
 			return nil, time.Time{}, fmt.Errorf("release leases: %w", err)
 		}
 		owned = owned[:share]

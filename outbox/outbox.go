@@ -6,8 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
-	"strconv"
-	"strings"
 	"time"
 
 	"github.com/troupedev/troupe/message"
@@ -94,8 +92,8 @@ func Add(ctx context.Context, tx sqldb.Tx, topic string, msgs ...*message.Messag
 	message.InheritCause(ctx, msgs...)
 	now := time.Now().UTC()
 	rows := make([]any, 0, 6*min(len(msgs), maxRowsPerInsert))
-	for start := 0; start < len(msgs); start += maxRowsPerInsert {
-		chunk := msgs[start:min(start+maxRowsPerInsert, len(msgs))]
+	for start, end := range sqldb.Chunks(tx.Dialect(), len(msgs), maxRowsPerInsert) {
+		chunk := msgs[start:end]
 		rows = rows[:0]
 		for i, m := range chunk {
 			if m == nil {
@@ -110,34 +108,12 @@ func Add(ctx context.Context, tx sqldb.Tx, topic string, msgs ...*message.Messag
 			}
 			rows = append(rows, m.ID, topic, m.Subject, Partition(topic, m.Subject), env, now)
 		}
-		q := "INSERT INTO troupe_outbox (id, topic, subject, partition, envelope, created_at) VALUES " + placeholders(len(chunk), 6)
+		q := "INSERT INTO troupe_outbox (id, topic, subject, partition, envelope, created_at) VALUES " + sqldb.ValuesList(1, len(chunk), 6)
 		if err := sqldb.ExecLater(ctx, tx, q, rows...); err != nil {
 			return fmt.Errorf("outbox: add %d messages to topic %q: %w", len(chunk), topic, err)
 		}
 	}
 	return nil
-}
-
-// placeholders returns rows groups of cols $N placeholders.
-func placeholders(rows, cols int) string {
-	var b strings.Builder
-	n := 0
-	for r := range rows {
-		if r > 0 {
-			b.WriteString(", ")
-		}
-		b.WriteByte('(')
-		for c := range cols {
-			if c > 0 {
-				b.WriteString(", ")
-			}
-			n++
-			b.WriteByte('$')
-			b.WriteString(strconv.Itoa(n))
-		}
-		b.WriteByte(')')
-	}
-	return b.String()
 }
 
 // Row is one outbox row as a relay reads it.
@@ -192,22 +168,22 @@ func MarkDelivered(ctx context.Context, db *sqldb.DB, at time.Time, seqs ...int6
 			return err
 		})
 	} else {
-		_, err = db.Exec(ctx, "UPDATE troupe_outbox SET delivered_at = $1 WHERE seq IN ("+intList(seqs)+")", at.UTC())
+		// Placeholders, in runs of a few sizes (sqldb.Chunks): each of the
+		// statements is parsed once, where a list of literals would make a
+		// new statement of every call.
+		args := make([]any, 0, 1+min(len(seqs), maxRowsPerInsert))
+		for lo, hi := range sqldb.Chunks(sqldb.SQLite, len(seqs), maxRowsPerInsert) {
+			args = append(args[:0], at.UTC())
+			for _, s := range seqs[lo:hi] {
+				args = append(args, s)
+			}
+			if _, err = db.Exec(ctx, "UPDATE troupe_outbox SET delivered_at = $1 WHERE seq IN ("+sqldb.List(2, hi-lo)+")", args...); err != nil {
+				break
+			}
+		}
 	}
 	if err != nil {
 		return fmt.Errorf("outbox: mark %d rows delivered: %w", len(seqs), err)
 	}
 	return nil
-}
-
-// intList writes seqs as a comma-separated list of integer literals.
-func intList[T int | int64](seqs []T) string {
-	var b strings.Builder
-	for i, s := range seqs {
-		if i > 0 {
-			b.WriteByte(',')
-		}
-		b.WriteString(strconv.FormatInt(int64(s), 10))
-	}
-	return b.String()
 }

@@ -462,25 +462,19 @@ func (s *Scheduler) recordFailure(ctx context.Context, tx sqldb.Tx, now time.Tim
 
 // deleteIDs deletes the timers with these ids.
 func deleteIDs(ctx context.Context, tx sqldb.Tx, ids []string) error {
-	for start := 0; start < len(ids); start += 500 {
-		chunk := ids[start:min(start+500, len(ids))]
-		var err error
-		if tx.Dialect() == sqldb.Postgres {
-			_, err = tx.Exec(ctx, `DELETE FROM troupe_timers WHERE id = ANY($1)`, chunk)
-		} else {
-			args := make([]any, len(chunk))
-			var b strings.Builder
-			for i, id := range chunk {
-				if i > 0 {
-					b.WriteString(", ")
-				}
-				b.WriteString("$" + strconv.Itoa(i+1))
-				args[i] = id
-			}
-			_, err = tx.Exec(ctx, `DELETE FROM troupe_timers WHERE id IN (`+b.String()+`)`, args...)
+	if tx.Dialect() == sqldb.Postgres {
+		if _, err := tx.Exec(ctx, `DELETE FROM troupe_timers WHERE id = ANY($1)`, ids); err != nil {
+			return fmt.Errorf("delete %d fired timers: %w", len(ids), err)
 		}
-		if err != nil {
-			return fmt.Errorf("delete %d fired timers: %w", len(chunk), err)
+		return nil
+	}
+	for lo, hi := range sqldb.Chunks(tx.Dialect(), len(ids), 500) {
+		args := make([]any, 0, hi-lo)
+		for _, id := range ids[lo:hi] {
+			args = append(args, id)
+		}
+		if _, err := tx.Exec(ctx, `DELETE FROM troupe_timers WHERE id IN (`+sqldb.List(1, hi-lo)+`)`, args...); err != nil {
+			return fmt.Errorf("delete %d fired timers: %w", hi-lo, err)
 		}
 	}
 	return nil

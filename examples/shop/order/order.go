@@ -535,30 +535,33 @@ func (s *Service) placeAll(ctx context.Context, tx sqldb.Tx, ps []placement) ([]
 		kb, _ := b.key.(string)
 		return strings.Compare(ka, kb)
 	})
-	var q strings.Builder
-	q.WriteString(`INSERT INTO shop_orders (id, customer_id, items, total, state, mode, created_at, updated_at, idempotency_key, request_fingerprint) VALUES `)
-	args := make([]any, 0, 9*len(ps))
-	for i, p := range byKey {
-		if i > 0 {
-			q.WriteString(", ")
-		}
-		n := len(args)
-		fmt.Fprintf(&q, "($%d, $%d, $%d, $%d, $%d, $%d, $%d, $%d, $%d, $%d)", n+1, n+2, n+3, n+4, n+5, n+6, n+7, n+7, n+8, n+9)
-		o := p.order
-		args = append(args, o.ID, o.CustomerID, p.items, o.Total, string(o.State), string(o.Mode), o.CreatedAt, p.key, p.fingerprint)
-	}
-	q.WriteString(` ON CONFLICT (idempotency_key) DO NOTHING`)
+	// Without keys no insert can conflict: on PostgreSQL the orders travel
+	// with the sagas' start.
+	keyed := slices.ContainsFunc(ps, func(p placement) bool { return p.key != nil })
 	inserted := make(map[string]bool, len(ps))
-	if !slices.ContainsFunc(ps, func(p placement) bool { return p.key != nil }) {
-		// Without keys no insert can conflict: on PostgreSQL the orders
-		// travel with the sagas' start.
-		if err := sqldb.ExecLater(ctx, tx, q.String(), args...); err != nil {
-			return nil, err
+	for lo, hi := range sqldb.Chunks(tx.Dialect(), len(byKey), len(byKey)) {
+		var q strings.Builder
+		q.WriteString(`INSERT INTO shop_orders (id, customer_id, items, total, state, mode, created_at, updated_at, idempotency_key, request_fingerprint) VALUES `)
+		args := make([]any, 0, 9*(hi-lo))
+		for i, p := range byKey[lo:hi] {
+			if i > 0 {
+				q.WriteString(", ")
+			}
+			n := len(args)
+			fmt.Fprintf(&q, "($%d, $%d, $%d, $%d, $%d, $%d, $%d, $%d, $%d, $%d)", n+1, n+2, n+3, n+4, n+5, n+6, n+7, n+7, n+8, n+9)
+			o := p.order
+			args = append(args, o.ID, o.CustomerID, p.items, o.Total, string(o.State), string(o.Mode), o.CreatedAt, p.key, p.fingerprint)
 		}
-		for _, p := range ps {
-			inserted[p.order.ID] = true
+		q.WriteString(` ON CONFLICT (idempotency_key) DO NOTHING`)
+		if !keyed {
+			if err := sqldb.ExecLater(ctx, tx, q.String(), args...); err != nil {
+				return nil, err
+			}
+			for _, p := range byKey[lo:hi] {
+				inserted[p.order.ID] = true
+			}
+			continue
 		}
-	} else {
 		rows, err := tx.Query(ctx, q.String()+` RETURNING id`, args...)
 		if err != nil {
 			return nil, err
