@@ -263,7 +263,25 @@ func (db *DB) Close() error {
 
 // Exec runs a statement outside any transaction (in its own, on commit)
 // and returns the number of rows it affected.
+//
+// On SQLite it takes its turn among the DB's write transactions (see
+// InTx), as a write must: left to SQLite's busy handler, a statement that
+// met a transaction in progress would sleep a millisecond or more, and a
+// transaction that met the statement would sleep while holding its turn,
+// stalling every writer behind it. So, like InTx, it fails at once inside
+// an InTx of the same DB, whose lock it would wait for forever.
 func (db *DB) Exec(ctx context.Context, query string, args ...any) (int64, error) {
+	if db.writer != nil {
+		if ctx.Value(inTxKey{db}) != nil {
+			return 0, errors.New("sqldb: DB.Exec called inside an InTx of the same SQLite DB: use the Tx you were given")
+		}
+		select {
+		case db.writer <- struct{}{}:
+		case <-ctx.Done():
+			return 0, fmt.Errorf("sqldb: waiting for this DB's write transactions: %w", ctx.Err())
+		}
+		defer func() { <-db.writer }()
+	}
 	return db.q.Exec(ctx, query, args...)
 }
 

@@ -507,3 +507,74 @@ func TestInTx_NestedOnSQLiteFailsInsteadOfWaitingForItself(t *testing.T) {
 		t.Error("the nested InTx waited for its context to end")
 	}
 }
+
+func TestExec_OnSQLiteInsideAnInTxOfTheSameDBFailsInsteadOfWaitingForItself(t *testing.T) {
+	db := open(t, "sqlite://"+filepath.Join(t.TempDir(), "x.db"), nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	mustExec(t, db, `CREATE TABLE t (n INTEGER)`)
+	var inner error
+	err := db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+		_, inner = db.Exec(ctx, `INSERT INTO t VALUES (1)`)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if inner == nil || !strings.Contains(inner.Error(), "use the Tx you were given") {
+		t.Errorf("DB.Exec inside InTx returned %v, want an error saying to use the Tx", inner)
+	}
+	if ctx.Err() != nil {
+		t.Error("DB.Exec waited for its context to end")
+	}
+}
+
+// A statement run by DB.Exec while a transaction holds SQLite's write lock
+// waits its turn and runs once the transaction commits, however long the
+// transaction takes: it is not left to SQLite's busy handler, whose timeout
+// (here far shorter than the transaction) would fail it.
+func TestExec_OnSQLiteWaitsItsTurnBehindATransaction(t *testing.T) {
+	db := open(t, "sqlite://"+filepath.Join(t.TempDir(), "x.db"), &sqldb.Config{BusyTimeout: time.Millisecond})
+	ctx := testCtx(t)
+	mustExec(t, db, `CREATE TABLE t (n INTEGER)`)
+	inTx, release := make(chan struct{}), make(chan struct{})
+	txDone := make(chan error, 1)
+	go func() {
+		txDone <- db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+			if _, err := tx.Exec(ctx, `INSERT INTO t VALUES (1)`); err != nil {
+				return err
+			}
+			close(inTx)
+			<-release
+			return nil
+		})
+	}()
+	<-inTx
+	execDone := make(chan error, 1)
+	go func() {
+		_, err := db.Exec(ctx, `UPDATE t SET n = n + 10`)
+		execDone <- err
+	}()
+	// The statement cannot run while the transaction holds the lock: it
+	// must still be waiting when the transaction is let go. (The wait
+	// gives a statement left to the busy handler the time to fail.)
+	select {
+	case err := <-execDone:
+		t.Fatalf("DB.Exec returned %v while a transaction held the write lock", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	close(release)
+	if err := <-txDone; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-execDone; err != nil {
+		t.Fatalf("DB.Exec after the transaction: %v", err)
+	}
+	var n int
+	if err := db.QueryRow(ctx, `SELECT n FROM t`).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	if n != 11 {
+		t.Errorf("n = %d, want 11: the statement ran after the transaction's insert", n)
+	}
+}
