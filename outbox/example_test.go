@@ -77,3 +77,44 @@ func Example() {
 	<-done
 	// Output: shop.order.created order-1 {"id":"order-1"}
 }
+
+// A loop that adds one message per item writes them with one statement
+// when Add is deferred: here a batch of shipments, each with its event.
+func ExampleDefer() {
+	ctx := context.Background()
+	dir, _ := os.MkdirTemp("", "outbox-defer-example-*")
+	defer os.RemoveAll(dir)
+	db, err := sqldb.Open(ctx, "sqlite://"+filepath.Join(dir, "shipping.db"), nil)
+	if err != nil {
+		panic(err)
+	}
+	defer db.Close()
+	if err := outbox.Migrate(ctx, db); err != nil {
+		panic(err)
+	}
+
+	err = db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+		ctx, deferred := outbox.Defer(ctx, tx)
+		for _, id := range []string{"order-1", "order-2", "order-3"} {
+			// The item's own writes would go here, through tx.
+			m := message.New("/services/shipping", "shop.order.shipped", nil)
+			m.Subject = id
+			if err := outbox.Add(ctx, tx, "shop.shipments", m); err != nil {
+				return err
+			}
+		}
+		fmt.Println("held:", deferred.Len())
+		return deferred.Flush(ctx) // one INSERT for the three
+	})
+	if err != nil {
+		panic(err)
+	}
+	var n int
+	if err := db.QueryRow(ctx, "SELECT count(*) FROM troupe_outbox WHERE topic = 'shop.shipments'").Scan(&n); err != nil {
+		panic(err)
+	}
+	fmt.Println("in the outbox:", n)
+	// Output:
+	// held: 3
+	// in the outbox: 3
+}

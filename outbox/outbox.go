@@ -83,37 +83,115 @@ func Partition(topic, subject string) int {
 // its commit (sqldb.ExecLater), so it costs no round trip of its own; an
 // error it meets is then returned by that statement or the commit.
 func Add(ctx context.Context, tx sqldb.Tx, topic string, msgs ...*message.Message) error {
-	if topic == "" {
-		return fmt.Errorf("%w: empty topic", ErrInvalidMessage)
+	rows, err := rowsOf(ctx, topic, msgs)
+	if err != nil || len(rows) == 0 {
+		return err
 	}
-	if len(msgs) == 0 {
+	if d, ok := ctx.Value(deferredKey{}).(*Deferred); ok && sqldb.SameTx(d.tx, tx) {
+		d.rows = append(d.rows, rows...)
 		return nil
 	}
-	message.InheritCause(ctx, msgs...)
-	now := time.Now().UTC()
-	rows := make([]any, 0, 6*min(len(msgs), maxRowsPerInsert))
-	for start, end := range sqldb.Chunks(tx.Dialect(), len(msgs), maxRowsPerInsert) {
-		chunk := msgs[start:end]
-		rows = rows[:0]
-		for i, m := range chunk {
-			if m == nil {
-				return fmt.Errorf("%w: message %d is nil", ErrInvalidMessage, start+i)
-			}
-			if m.ID == "" {
-				m.ID = message.NewID()
-			}
-			env, err := message.EncodeJSON(m)
-			if err != nil {
-				return fmt.Errorf("%w: message %d (id %q): %w", ErrInvalidMessage, start+i, m.ID, err)
-			}
-			rows = append(rows, m.ID, topic, m.Subject, Partition(topic, m.Subject), env, now)
+	return insertRows(ctx, tx, rows)
+}
+
+// row is a message ready for the outbox.
+type row struct {
+	id, topic, subject string
+	envelope           []byte
+}
+
+// rowsOf checks and encodes msgs for topic, giving each an ID and its cause
+// (see Add).
+func rowsOf(ctx context.Context, topic string, msgs []*message.Message) ([]row, error) {
+	if topic == "" {
+		return nil, fmt.Errorf("%w: empty topic", ErrInvalidMessage)
+	}
+	if len(msgs) == 0 {
+		return nil, nil
+	}
+	for i, m := range msgs {
+		if m == nil {
+			return nil, fmt.Errorf("%w: message %d is nil", ErrInvalidMessage, i)
 		}
-		q := "INSERT INTO troupe_outbox (id, topic, subject, partition, envelope, created_at) VALUES " + sqldb.ValuesList(1, len(chunk), 6)
-		if err := sqldb.ExecLater(ctx, tx, q, rows...); err != nil {
-			return fmt.Errorf("outbox: add %d messages to topic %q: %w", len(chunk), topic, err)
+	}
+	message.InheritCause(ctx, msgs...)
+	rows := make([]row, len(msgs))
+	for i, m := range msgs {
+		if m.ID == "" {
+			m.ID = message.NewID()
+		}
+		env, err := message.EncodeJSON(m)
+		if err != nil {
+			return nil, fmt.Errorf("%w: message %d (id %q): %w", ErrInvalidMessage, i, m.ID, err)
+		}
+		rows[i] = row{id: m.ID, topic: topic, subject: m.Subject, envelope: env}
+	}
+	return rows, nil
+}
+
+// insertRows inserts rows in tx, in their order, in multi-row statements.
+func insertRows(ctx context.Context, tx sqldb.Tx, rows []row) error {
+	now := time.Now().UTC()
+	args := make([]any, 0, 6*min(len(rows), maxRowsPerInsert))
+	for start, end := range sqldb.Chunks(tx.Dialect(), len(rows), maxRowsPerInsert) {
+		args = args[:0]
+		for _, r := range rows[start:end] {
+			args = append(args, r.id, r.topic, r.subject, Partition(r.topic, r.subject), r.envelope, now)
+		}
+		q := "INSERT INTO troupe_outbox (id, topic, subject, partition, envelope, created_at) VALUES " + sqldb.ValuesList(1, end-start, 6)
+		if err := sqldb.ExecLater(ctx, tx, q, args...); err != nil {
+			return fmt.Errorf("outbox: add %d messages to topic %q: %w", end-start, rows[start].topic, err)
 		}
 	}
 	return nil
+}
+
+// Deferred holds the messages that calls of Add in one transaction gave
+// it, to insert them together: a loop that adds one message per item (a
+// batch's handlers, a batch of sagas' steps) then costs the database a
+// statement for the lot instead of one per item. See Defer.
+type Deferred struct {
+	tx   sqldb.Tx
+	rows []row
+}
+
+type deferredKey struct{}
+
+// Defer returns a context in which Add, given tx, checks and encodes its
+// messages as usual but keeps them in the returned Deferred instead of
+// inserting them. Deferred.Flush inserts them, in the order added, in as
+// few statements as their number allows. Add given another transaction
+// inserts at once, as without Defer.
+//
+// Flush before tx commits: messages kept and not flushed are not
+// published. If tx rolls back to a savepoint, drop with Truncate the
+// messages added since (Len tells how many there were when the savepoint
+// was set).
+func Defer(ctx context.Context, tx sqldb.Tx) (context.Context, *Deferred) {
+	d := &Deferred{tx: tx}
+	return context.WithValue(ctx, deferredKey{}, d), d
+}
+
+// Len returns how many messages d holds.
+func (d *Deferred) Len() int { return len(d.rows) }
+
+// Truncate drops the messages added after the first n: those of writes a
+// rollback to a savepoint undid.
+func (d *Deferred) Truncate(n int) {
+	if n < len(d.rows) {
+		d.rows = d.rows[:n]
+	}
+}
+
+// Flush inserts the messages d holds into the outbox, in its transaction,
+// and empties d.
+func (d *Deferred) Flush(ctx context.Context) error {
+	rows := d.rows
+	d.rows = nil
+	if len(rows) == 0 {
+		return nil
+	}
+	return insertRows(ctx, d.tx, rows)
 }
 
 // Row is one outbox row as a relay reads it.

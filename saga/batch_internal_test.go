@@ -78,6 +78,13 @@ func newBatchFixture(t *testing.T, kind string) *batchFixture {
 				if err := outcome(ctx, tx, id, "approve ran"); err != nil {
 					return err
 				}
+				// The step's own event: in a batch its insert is deferred,
+				// and a refusal must drop it with the step's other writes.
+				ev := message.New("/order", "order.approved", nil)
+				ev.Subject = id
+				if err := outbox.Add(ctx, tx, "order.events", ev); err != nil {
+					return err
+				}
 				if d.Refuse {
 					return Refuse(errors.New("cancelled meanwhile"))
 				}
@@ -129,6 +136,7 @@ func (f *batchFixture) state(t *testing.T, id string) string {
 		`SELECT step || ' ' || op || ' ' || attempt || ' ' || event || ' ' || detail FROM troupe_saga_history WHERE saga_id = $1 ORDER BY seq`,
 		`SELECT outcome FROM outcomes WHERE saga_id = $1 ORDER BY outcome`,
 		`SELECT substr(id, length($1) + 15) FROM troupe_timers WHERE id LIKE 'saga-deadline/' || $1 || '/%' ORDER BY id`,
+		`SELECT topic FROM troupe_outbox WHERE subject = $1 ORDER BY seq`,
 	} {
 		rows, err := f.db.Query(ctx, q, id)
 		if err != nil {
@@ -210,6 +218,15 @@ func TestHandleRepliesTx_EndsEachSagaAsReplyByReplyHandlingDoes(t *testing.T) {
 			for i, want := range []Status{Completed, Compensated, Compensating, Completed} {
 				if in, err := f.o.Get(ctx, fmt.Sprintf("batch-%d", i)); err != nil || in.Status != want {
 					t.Errorf("%s: %v, %v; want %s", cases[i].name, in.Status, err, want)
+				}
+			}
+			for i, want := range []int{1, 0, 0, 1} {
+				var events int
+				if err := f.db.QueryRow(ctx, `SELECT count(*) FROM troupe_outbox WHERE topic = 'order.events' AND subject = $1`, fmt.Sprintf("batch-%d", i)).Scan(&events); err != nil {
+					t.Fatal(err)
+				}
+				if events != want {
+					t.Errorf("%s: %d order.events rows from the local step, want %d", cases[i].name, events, want)
 				}
 			}
 		})

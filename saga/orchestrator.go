@@ -479,11 +479,18 @@ func (o *Orchestrator) runLocal(ctx context.Context, tx sqldb.Tx, in *instance,
 	if err := sqldb.ExecLater(ctx, tx, "SAVEPOINT troupe_saga_step"); err != nil {
 		return nil, nil, fmt.Errorf("saga: savepoint: %w", err)
 	}
+	held := 0 // the batch's messages before f's
+	if in.batch != nil {
+		held = in.batch.outbox.Len()
+	}
 	data, ferr := f(ctx, tx, in.id, in.data)
 	var r *refusal
 	if errors.As(ferr, &r) || (anyError && ferr != nil) {
 		if _, err := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT troupe_saga_step"); err != nil {
 			return nil, nil, fmt.Errorf("saga: roll back a refused step: %w", err)
+		}
+		if in.batch != nil {
+			in.batch.outbox.Truncate(held) // f's messages, deferred, go too
 		}
 		if r != nil {
 			return nil, r.err, nil
@@ -552,10 +559,8 @@ func (o *Orchestrator) sendMember(ctx context.Context, tx sqldb.Tx, in *instance
 		if err != nil {
 			return err
 		}
-		if in.batch != nil {
-			message.InheritCause(ctx, cmd)
-			in.batch.outbox = append(in.batch.outbox, topicMsg{m.topic, cmd})
-		} else if err := outbox.Add(ctx, tx, m.topic, cmd); err != nil {
+		// In a batch, ctx defers the insert to the batch's end (newBatch).
+		if err := outbox.Add(ctx, tx, m.topic, cmd); err != nil {
 			return err
 		}
 		detail = cmd.ID
@@ -750,12 +755,22 @@ func (o *Orchestrator) apply(ctx context.Context, tx sqldb.Tx, in *instance, r *
 // batch gathers the writes of a batch of sagas (HandleRepliesTx,
 // startManyTx) that are made once for the lot, at its end.
 type batch struct {
-	inserts []*instance   // the new sagas, whose rows to insert
-	sagas   []*instance   // the sagas whose rows to update, in the order first saved
-	history []any         // the history rows, 8 values each, in the order recorded
-	cancels []string      // the deadline timers to cancel
-	outbox  []topicMsg    // the commands sent, in the order sent
-	timers  []timer.Timer // their deadlines
+	inserts []*instance      // the new sagas, whose rows to insert
+	sagas   []*instance      // the sagas whose rows to update, in the order first saved
+	history []any            // the history rows, 8 values each, in the order recorded
+	cancels []string         // the deadline timers to cancel
+	outbox  *outbox.Deferred // the messages sent: commands, and local steps' own
+	timers  []timer.Timer    // their deadlines
+}
+
+// newBatch starts a batch of sagas in tx, and returns it with ctx, in which
+// outbox.Add given tx defers its messages to the batch (see
+// outbox.Defer): the commands the sagas send, and the messages their local
+// steps add, are written by a few statements at the batch's end
+// (writeBatch) instead of one each.
+func newBatch(ctx context.Context, tx sqldb.Tx) (context.Context, *batch) {
+	ctx, d := outbox.Defer(ctx, tx)
+	return ctx, &batch{outbox: d}
 }
 
 // cancelDeadline withdraws the deadline timer id of in, answered or
@@ -770,19 +785,17 @@ func (o *Orchestrator) cancelDeadline(ctx context.Context, tx sqldb.Tx, in *inst
 	return o.sched.TryCancelLaterTx(ctx, tx, id)
 }
 
-// topicMsg is a message for the outbox and its topic.
-type topicMsg struct {
-	topic string
-	msg   *message.Message
-}
-
 // HandleRepliesTx applies participants' replies in tx, as HandleReplyTx
 // applies each in turn, but set-wise where it can: the sagas are loaded and
 // locked by one statement, and their rows, their history and the
 // cancellation of their answered deadlines are written by one statement
 // each at the end (on PostgreSQL; on SQLite, whose statements cost no round
 // trip, a statement per saga). What the steps do in between (a local step,
-// a command sent) runs as for a single reply, in the order of the replies.
+// a command sent) runs as for a single reply, in the order of the replies,
+// except that the messages they add to the outbox (the commands, and those
+// a local step adds with outbox.Add and the ctx it is given) are inserted
+// together at the end, in the order added (see outbox.Defer); a local
+// step that refuses takes its messages back with its other writes.
 // Several replies to one saga are applied in turn to the one row.
 //
 // It fails, and writes nothing, when one of the replies is malformed or is
@@ -805,7 +818,7 @@ func (o *Orchestrator) HandleRepliesTx(ctx context.Context, tx sqldb.Tx, msgs []
 	if err != nil {
 		return err
 	}
-	b := &batch{}
+	ctx, b := newBatch(ctx, tx)
 	for i, r := range replies {
 		in := sagas[r.SagaID]
 		if in == nil {
@@ -886,7 +899,7 @@ func (o *Orchestrator) startManyTx(ctx context.Context, tx sqldb.Tx, name string
 	if err != nil {
 		return err
 	}
-	b := &batch{}
+	ctx, b := newBatch(ctx, tx)
 	now := o.cfg.Now().UTC()
 	for i, id := range ids {
 		in := &instance{id: id, name: name, version: version, status: Running, data: data[i], created: now, unsaved: true, batch: b}
@@ -951,18 +964,8 @@ func (o *Orchestrator) writeBatch(ctx context.Context, tx sqldb.Tx, b *batch) er
 	if err := o.insertBatch(ctx, tx, b.inserts); err != nil {
 		return err
 	}
-	var topics []string
-	byTopic := map[string][]*message.Message{}
-	for _, tm := range b.outbox {
-		if _, ok := byTopic[tm.topic]; !ok {
-			topics = append(topics, tm.topic)
-		}
-		byTopic[tm.topic] = append(byTopic[tm.topic], tm.msg)
-	}
-	for _, topic := range topics {
-		if err := outbox.Add(ctx, tx, topic, byTopic[topic]...); err != nil {
-			return err
-		}
+	if err := b.outbox.Flush(ctx); err != nil {
+		return err
 	}
 	// The answered deadlines first, as a saga applying its replies one
 	// by one cancels a deadline before it sends anything new.
