@@ -479,3 +479,44 @@ func TestShop_CheckReportsCreditThatDoesNotMatchTheApprovedOrders(t *testing.T) 
 		t.Errorf("Check found %v, want c1's doubled reservation", v)
 	}
 }
+
+func TestShop_PlaceAndAwaitReturnsEachOrderEnded(t *testing.T) {
+	for _, kind := range dialects {
+		for _, mode := range modes {
+			t.Run(kind+"/"+string(mode), func(t *testing.T) {
+				h := newHarness(t, kind, withMode(mode))
+				ctx, cancel := context.WithTimeout(h.ctx, time.Minute)
+				defer cancel()
+				svc := h.shop.Order()
+				req := func(total int64, key string) order.PlaceRequest {
+					return order.PlaceRequest{CustomerID: "c1", IdempotencyKey: key, Items: []order.Item{{SKU: "tea", Quantity: 1, UnitPrice: total}}}
+				}
+				ok, err := svc.PlaceAndAwait(ctx, req(2_500, "key-1"))
+				if err != nil || ok.State != order.Approved {
+					t.Fatalf("order within the limit: %s (%s), %v; want APPROVED", ok.State, ok.Reason, err)
+				}
+				over, err := svc.PlaceAndAwait(ctx, req(9_000, ""))
+				if err != nil || over.State != order.Rejected {
+					t.Fatalf("order over the limit: %s (%s), %v; want REJECTED", over.State, over.Reason, err)
+				}
+				// A repeat of a keyed request awaits the order the key placed.
+				again, err := svc.PlaceAndAwait(ctx, req(2_500, "key-1"))
+				if err != nil || again.ID != ok.ID || again.State != order.Approved {
+					t.Fatalf("repeat of key-1: order %s %s, %v; want %s APPROVED", again.ID, again.State, err, ok.ID)
+				}
+				if _, err := svc.PlaceAndAwait(ctx, order.PlaceRequest{CustomerID: "c1"}); !errors.Is(err, order.ErrInvalid) {
+					t.Errorf("an order without items: %v, want ErrInvalid", err)
+				}
+				if r := h.reserved("c1"); r != 2_500 {
+					t.Errorf("c1 has %d reserved, want 2500", r)
+				}
+				// A wait that runs out ends with the context's error.
+				short, cancelShort := context.WithCancel(ctx)
+				cancelShort()
+				if o, err := svc.PlaceAndAwait(short, req(100, "")); !errors.Is(err, context.Canceled) {
+					t.Errorf("with its context cancelled: %s %s, %v; want context.Canceled", o.ID, o.State, err)
+				}
+			})
+		}
+	}
+}

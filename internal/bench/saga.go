@@ -109,16 +109,11 @@ func runSaga(ctx context.Context, cfg Config) (*Result, error) {
 			if n%sagaRefusedEach == 0 {
 				price = sagaOverLimit
 			}
-			o, err := svc.Place(ctx, order.PlaceRequest{CustomerID: customerID(rng.IntN(sagaCustomers)), Items: []order.Item{{SKU: "tea", Quantity: 1, UnitPrice: price}}})
-			if err != nil {
-				fail(fmt.Errorf("place order: %w", err))
-				return
-			}
 			wctx, cancel := context.WithTimeout(ctx, sagaWaitLimit)
-			got, err := svc.Await(wctx, o.ID)
+			got, err := svc.PlaceAndAwait(wctx, order.PlaceRequest{CustomerID: customerID(rng.IntN(sagaCustomers)), Items: []order.Item{{SKU: "tea", Quantity: 1, UnitPrice: price}}})
 			cancel()
 			if err != nil {
-				fail(fmt.Errorf("order %s did not end: %w", o.ID, err))
+				fail(fmt.Errorf("place an order and await its end: %w", err))
 				return
 			}
 			rec.Observe(time.Since(due))
@@ -147,7 +142,7 @@ func runSaga(ctx context.Context, cfg Config) (*Result, error) {
 		"db: "+dbs.Description,
 		"broker: "+ob.Description,
 		"services: examples/shop's Order (orchestrator, timer scheduler, inbox, outbox relay) and Customer (participant with inbox and barrier, outbox relay), one process; saga steps: reserve-credit (a command to Customer), approve (local); the order's outcome event is published too",
-		"end detection: the Order service wakes the client after the reply's transaction committed; the client then reads the order",
+		"end detection: the Order service wakes the client after the reply's transaction committed; the client then reads the order, once (order.Service.PlaceAndAwait)",
 		"--batch does not apply: one saga per client turn",
 	)
 	if c := commitsAfter.sub(commitsBefore); c != "" && res.Ops > 0 {

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/troupedev/troupe/message"
 	"io"
 	"net/http"
 	"strings"
@@ -173,7 +174,7 @@ func (s *Service) Handler() http.Handler {
 			return
 		}
 		req.IdempotencyKey = key
-		o, replayed, err := s.place(r.Context(), req)
+		o, replayed, err := s.place(r.Context(), req, message.NewID())
 		if err != nil {
 			s.writeError(w, err)
 			return

@@ -457,18 +457,37 @@ func (s *Service) waking(h broker.Handler) broker.Handler {
 // Concurrent Places with one key create one order: the index lets one
 // insert in, and the others read its order once it has committed.
 func (s *Service) Place(ctx context.Context, req PlaceRequest) (Order, error) {
-	o, _, err := s.place(ctx, req)
+	o, _, err := s.place(ctx, req, message.NewID())
 	return o, err
 }
 
-// place is Place, telling whether the order is the one req's key had
-// created already.
-func (s *Service) place(ctx context.Context, req PlaceRequest) (o Order, replayed bool, err error) {
+// PlaceAndAwait places an order as Place does, then waits until it has
+// ended, or ctx ends, and returns it: Place then Await, but the order is
+// read once, when a change to it has committed, where Await must read it
+// first to see whether it has ended already. (The caller waits for an id
+// chosen before the order exists, so no change can slip by unseen.)
+func (s *Service) PlaceAndAwait(ctx context.Context, req PlaceRequest) (Order, error) {
+	id := message.NewID()
+	woken := s.waiters.Add(id)
+	defer s.waiters.Remove(id, woken)
+	o, replayed, err := s.place(ctx, req, id)
+	if err != nil {
+		return Order{}, err
+	}
+	if replayed {
+		return s.Await(ctx, o.ID) // the order req's key placed before
+	}
+	return s.await(ctx, o, woken, false)
+}
+
+// place is Place of an order with the given id, telling whether the order
+// is instead the one req's key had created already.
+func (s *Service) place(ctx context.Context, req PlaceRequest, id string) (o Order, replayed bool, err error) {
 	if err := req.Validate(); err != nil {
 		return Order{}, false, err
 	}
 	now := time.Now().UTC().Truncate(time.Microsecond)
-	o = Order{ID: message.NewID(), CustomerID: req.CustomerID, Items: req.Items, Total: req.total(),
+	o = Order{ID: id, CustomerID: req.CustomerID, Items: req.Items, Total: req.total(),
 		State: Pending, Mode: s.cfg.Mode, CreatedAt: now, UpdatedAt: now}
 	items, err := json.Marshal(o.Items)
 	if err != nil {
@@ -662,15 +681,26 @@ func (s *Service) Get(ctx context.Context, id string) (Order, error) {
 func (s *Service) Await(ctx context.Context, id string) (Order, error) {
 	woken := s.waiters.Add(id)
 	defer s.waiters.Remove(id, woken)
+	return s.await(ctx, Order{ID: id}, woken, true)
+}
+
+// await waits for order o to end, reading it each time woken says a
+// change to it committed, and first if readFirst; it returns the order
+// read last when ctx ends.
+func (s *Service) await(ctx context.Context, o Order, woken chan struct{}, readFirst bool) (Order, error) {
 	// Ends that no reply or event of this process signals (another
 	// instance handled it) are seen by asking again now and then.
 	tick := time.NewTicker(250 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		o, err := s.Get(ctx, id)
-		if err != nil || o.State.Ended() {
-			return o, err
+		if readFirst {
+			got, err := s.Get(ctx, o.ID)
+			if err != nil || got.State.Ended() {
+				return got, err
+			}
+			o = got
 		}
+		readFirst = true
 		select {
 		case <-woken:
 		case <-tick.C:
