@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -179,18 +178,11 @@ func (s *Scheduler) kindFilter(first int) (string, []any) {
 	if s.db.Dialect() == sqldb.Postgres {
 		return "(kind = 1 OR target = ANY($" + strconv.Itoa(first) + "))", []any{names}
 	}
-	var b strings.Builder
 	args := make([]any, len(names))
-	b.WriteString("(kind = 1 OR target IN (")
 	for i, n := range names {
-		if i > 0 {
-			b.WriteString(", ")
-		}
-		b.WriteString("$" + strconv.Itoa(first+i))
 		args[i] = n
 	}
-	b.WriteString("))")
-	return b.String(), args
+	return "(kind = 1 OR target IN (" + sqldb.List(first, len(names)) + "))", args
 }
 
 // dueRow is a timer read for firing.

@@ -558,11 +558,10 @@ func (s *Scheduler) planNext(ctx context.Context, tx sqldb.Tx, now time.Time, ro
 	}
 	slices.Sort(names) // lock in one order
 	args := make([]any, len(names))
-	ph := make([]string, len(names))
 	for i, n := range names {
-		args[i], ph[i] = n, "$"+strconv.Itoa(i+1)
+		args[i] = n
 	}
-	in := strings.Join(ph, ", ")
+	in := sqldb.List(1, len(names))
 	q := `SELECT name, definition FROM troupe_schedules WHERE name IN (` + in + `) ORDER BY name`
 	if tx.Dialect() == sqldb.Postgres {
 		q += ` FOR UPDATE`

@@ -3,7 +3,6 @@ package bench
 import (
 	"context"
 	"fmt"
-	"strings"
 	"time"
 
 	"github.com/troupedev/troupe/message"
@@ -40,7 +39,7 @@ func runCommit(ctx context.Context, cfg Config) (*Result, error) {
 		return nil, fmt.Errorf("create table: %w", err)
 	}
 	defer db.Exec(context.WithoutCancel(ctx), "DROP TABLE "+table)
-	insert := "INSERT INTO " + table + " (id, worker, payload) VALUES " + values(db.Dialect(), cfg.Batch, 3)
+	insert := "INSERT INTO " + table + " (id, worker, payload) VALUES " + sqldb.ValuesList(1, cfg.Batch, 3)
 
 	fmt.Fprintf(cfg.Progress, "bench commit: %s, %d workers, %d rows per transaction, for %s\n", bdb.description, cfg.Concurrency, cfg.Batch, cfg.Duration)
 	var rec Recorder
@@ -80,29 +79,4 @@ func (r *Result) ThroughputPerSFrom(n int) float64 {
 		return 0
 	}
 	return float64(r.Ops) / float64(n) / r.Seconds
-}
-
-// values returns rows groups of cols placeholders in d's style.
-func values(d sqldb.Dialect, rows, cols int) string {
-	var b strings.Builder
-	n := 0
-	for r := range rows {
-		if r > 0 {
-			b.WriteString(", ")
-		}
-		b.WriteByte('(')
-		for c := range cols {
-			if c > 0 {
-				b.WriteString(", ")
-			}
-			n++
-			if d == sqldb.Postgres {
-				fmt.Fprintf(&b, "$%d", n)
-			} else {
-				b.WriteByte('?')
-			}
-		}
-		b.WriteByte(')')
-	}
-	return b.String()
 }

@@ -405,7 +405,7 @@ func insertTimers(ctx context.Context, db *sqldb.DB, cols []string, start, end i
 				}
 				args = append(args, r...)
 			}
-			q := "INSERT INTO " + timer.Table + " (" + strings.Join(cols, ", ") + ") VALUES " + values(db.Dialect(), e-s, len(cols))
+			q := "INSERT INTO " + timer.Table + " (" + strings.Join(cols, ", ") + ") VALUES " + sqldb.ValuesList(1, e-s, len(cols))
 			if _, err := tx.Exec(ctx, q, args...); err != nil {
 				return err
 			}
