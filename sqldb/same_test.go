@@ -35,6 +35,15 @@ func TestSameTx_TellsTransactionsApartOnEveryKindOfTx(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		err = db.InGroupTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+			if !sqldb.SameTx(tx, tx) {
+				t.Errorf("an InGroupTx's Tx (%T) is not the same as itself", tx)
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
 		err = db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
 			if sqldb.SameTx(first, tx) {
 				t.Error("the Txs of two InTx calls are the same")
