@@ -92,7 +92,7 @@ type RelayConfig struct {
 
 	// BatchSize is the most rows read per partition per round; one round
 	// publishes the rows of all the relay's partitions, one Publish call per
-	// topic, and marks them delivered in one statement. Default 500.
+	// topic, and marks them delivered in one transaction. Default 500.
 	BatchSize int
 
 	// Owner names this relay instance in the lease table. Default: the host

@@ -11,7 +11,7 @@ import (
 	"github.com/troupedev/troupe/sqldb"
 )
 
-// rowsOf returns the (topic, id) of the outbox's rows in seq order.
+// outboxRows returns the (topic, id) of the outbox's rows in seq order.
 func outboxRows(t *testing.T, db *sqldb.DB) [][2]string {
 	t.Helper()
 	rows, err := db.Query(context.Background(), "SELECT topic, id FROM troupe_outbox ORDER BY seq")
@@ -162,5 +162,61 @@ func TestDefer_AnInvalidMessageIsRefusedByAddAndNotHeld(t *testing.T) {
 	})
 	if err != nil {
 		t.Fatal(err)
+	}
+}
+
+// Flush ends the Deferred: an Add given its context afterwards inserts at
+// once instead of being kept by a Deferred no one flushes again.
+func TestDefer_AnAddAfterFlushIsInsertedAtOnce(t *testing.T) {
+	for _, kind := range dialects {
+		t.Run(kind, func(t *testing.T) {
+			db, _ := openDB(t, kind)
+			ctx := context.Background()
+			first, late := newMsg("s", 1), newMsg("s", 2)
+			err := db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+				dctx, d := outbox.Defer(ctx, tx)
+				if err := outbox.Add(dctx, tx, "t", first); err != nil {
+					return err
+				}
+				if err := d.Flush(dctx); err != nil {
+					return err
+				}
+				if err := outbox.Add(dctx, tx, "t", late); err != nil {
+					return err
+				}
+				if d.Len() != 0 || outbox.DeferredFrom(dctx, tx) != nil {
+					t.Errorf("after Flush the Deferred still keeps messages (%d) or is still found", d.Len())
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := outboxRows(t, db); !slices.Equal(got, [][2]string{{"t", first.ID}, {"t", late.ID}}) {
+				t.Fatalf("rows %v, want both messages in order", got)
+			}
+		})
+	}
+}
+
+// A transaction of InGroupTx defers too: its Tx is the same as itself.
+func TestDefer_WorksInAGroupTransaction(t *testing.T) {
+	db, _ := openDB(t, "sqlite")
+	m := newMsg("s", 1)
+	err := db.InGroupTx(context.Background(), func(ctx context.Context, tx sqldb.Tx) error {
+		dctx, d := outbox.Defer(ctx, tx)
+		if err := outbox.Add(dctx, tx, "t", m); err != nil {
+			return err
+		}
+		if d.Len() != 1 || outbox.DeferredFrom(dctx, tx) != d {
+			t.Errorf("an Add in InGroupTx was not deferred: Len %d", d.Len())
+		}
+		return d.Flush(dctx)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := outboxRows(t, db); !slices.Equal(got, [][2]string{{"t", m.ID}}) {
+		t.Fatalf("rows %v, want the message", got)
 	}
 }

@@ -19,7 +19,7 @@
 //
 // A Relay reads the pending rows of the partitions it holds, in seq order,
 // publishes them in batches (one Publish call per topic per round), and marks
-// them delivered with one UPDATE. Publish returns once the broker has durably
+// them delivered in one transaction. Publish returns once the broker has durably
 // accepted the messages, so a row is marked delivered only after its message
 // is safe; a relay that stops between the two publishes the rows again when it
 // (or another relay) resumes. The mark runs on a goroutine of its own while

@@ -104,7 +104,7 @@ func ExampleDefer() {
 			}
 		}
 		fmt.Println("held:", deferred.Len())
-		return deferred.Flush(ctx) // one INSERT for the three
+		return deferred.Flush(ctx) // the three in one go: one INSERT on PostgreSQL, two on SQLite (2 + 1)
 	})
 	if err != nil {
 		panic(err)

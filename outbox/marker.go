@@ -81,7 +81,7 @@ func (m *marker) check() error {
 // stop ends run after a last mark of what is queued.
 func (m *marker) stop() { close(m.quit) }
 
-// run marks queued rows, all those queued at a time in one statement, until
+// run marks queued rows, all those queued at a time in one transaction, until
 // stop; then it tries once more to mark what is left.
 func (m *marker) run(ctx context.Context) {
 	var retry <-chan time.Time
@@ -110,7 +110,7 @@ func (m *marker) run(ctx context.Context) {
 	}
 }
 
-// markQueued marks every queued row delivered in one statement. On failure
+// markQueued marks every queued row delivered in one transaction. On failure
 // the rows stay queued.
 func (m *marker) markQueued(ctx context.Context) error {
 	m.mu.Lock()

@@ -87,7 +87,7 @@ func Add(ctx context.Context, tx sqldb.Tx, topic string, msgs ...*message.Messag
 	if err != nil || len(rows) == 0 {
 		return err
 	}
-	if d, ok := ctx.Value(deferredKey{}).(*Deferred); ok && sqldb.SameTx(d.tx, tx) {
+	if d := DeferredFrom(ctx, tx); d != nil {
 		d.rows = append(d.rows, rows...)
 		return nil
 	}
@@ -164,12 +164,23 @@ type deferredKey struct{}
 // inserts at once, as without Defer.
 //
 // Flush before tx commits: messages kept and not flushed are not
-// published. If tx rolls back to a savepoint, drop with Truncate the
-// messages added since (Len tells how many there were when the savepoint
-// was set).
+// published; after Flush, Add inserts at once again. A rollback to a
+// savepoint does not take kept messages back by itself: code that rolls
+// tx back to a savepoint must drop with Truncate the messages added since
+// (Len tells how many there were when the savepoint was set; DeferredFrom
+// finds the Deferred).
 func Defer(ctx context.Context, tx sqldb.Tx) (context.Context, *Deferred) {
 	d := &Deferred{tx: tx}
 	return context.WithValue(ctx, deferredKey{}, d), d
+}
+
+// DeferredFrom returns the Deferred that ctx carries for tx (see Defer),
+// or nil when Add given ctx and tx inserts at once.
+func DeferredFrom(ctx context.Context, tx sqldb.Tx) *Deferred {
+	if d, ok := ctx.Value(deferredKey{}).(*Deferred); ok && d.tx != nil && sqldb.SameTx(d.tx, tx) {
+		return d
+	}
+	return nil
 }
 
 // Len returns how many messages d holds.
@@ -184,14 +195,14 @@ func (d *Deferred) Truncate(n int) {
 }
 
 // Flush inserts the messages d holds into the outbox, in its transaction,
-// and empties d.
+// and ends d: Add given its context inserts at once from then on.
 func (d *Deferred) Flush(ctx context.Context) error {
-	rows := d.rows
-	d.rows = nil
-	if len(rows) == 0 {
+	rows, tx := d.rows, d.tx
+	d.rows, d.tx = nil, nil
+	if len(rows) == 0 || tx == nil {
 		return nil
 	}
-	return insertRows(ctx, d.tx, rows)
+	return insertRows(ctx, tx, rows)
 }
 
 // Row is one outbox row as a relay reads it.
@@ -221,8 +232,9 @@ func DecodeEnvelope(envelope []byte) (*message.Message, error) {
 }
 
 // MarkDelivered sets delivered_at to at on the rows with the given seqs, in
-// one statement, so that relays skip them and retention deletes them later.
-// Marking a row twice is harmless.
+// one transaction (one statement on PostgreSQL; on SQLite a few, see
+// sqldb.Chunks), so that relays skip them and retention deletes them
+// later. Marking a row twice is harmless.
 //
 // On PostgreSQL the mark commits without waiting for its WAL to reach the
 // disk (synchronous_commit off for its transaction): a mark is the one
@@ -246,19 +258,22 @@ func MarkDelivered(ctx context.Context, db *sqldb.DB, at time.Time, seqs ...int6
 			return err
 		})
 	} else {
-		// Placeholders, in runs of a few sizes (sqldb.Chunks): each of the
-		// statements is parsed once, where a list of literals would make a
-		// new statement of every call.
-		args := make([]any, 0, 1+min(len(seqs), maxRowsPerInsert))
-		for lo, hi := range sqldb.Chunks(sqldb.SQLite, len(seqs), maxRowsPerInsert) {
-			args = append(args[:0], at.UTC())
-			for _, s := range seqs[lo:hi] {
-				args = append(args, s)
+		// Placeholders, in runs of a few sizes (sqldb.Chunks), in one
+		// transaction: each of the statements is parsed once, where a list
+		// of literals would make a new statement of every call.
+		err = db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+			args := make([]any, 0, 1+min(len(seqs), maxRowsPerInsert))
+			for lo, hi := range sqldb.Chunks(sqldb.SQLite, len(seqs), maxRowsPerInsert) {
+				args = append(args[:0], at.UTC())
+				for _, s := range seqs[lo:hi] {
+					args = append(args, s)
+				}
+				if _, err := tx.Exec(ctx, "UPDATE troupe_outbox SET delivered_at = $1 WHERE seq IN ("+sqldb.List(2, hi-lo)+")", args...); err != nil {
+					return err
+				}
 			}
-			if _, err = db.Exec(ctx, "UPDATE troupe_outbox SET delivered_at = $1 WHERE seq IN ("+sqldb.List(2, hi-lo)+")", args...); err != nil {
-				break
-			}
-		}
+			return nil
+		})
 	}
 	if err != nil {
 		return fmt.Errorf("outbox: mark %d rows delivered: %w", len(seqs), err)

@@ -335,3 +335,50 @@ func TestStartManyTx_AnIDTakenOrGivenTwiceIsErrExistsAndTheRollbackLeavesNothing
 		})
 	}
 }
+
+// A saga started (StartTx) by a local step of a batch of sagas runs
+// without a batch of its own, yet its outbox.Add calls are kept by the
+// batch's (outbox.Defer): when its local step refuses, the message it added
+// goes with its other writes.
+func TestStartManyTx_ARefusedStepOfASagaStartedByALocalStepPublishesNothing(t *testing.T) {
+	for _, kind := range []string{"sqlite", "postgres"} {
+		t.Run(kind, func(t *testing.T) {
+			f := newBatchFixture(t, kind)
+			child := &Definition[batchData]{Name: "child", Steps: []Step[batchData]{
+				{Name: "refuse", Local: func(ctx context.Context, tx sqldb.Tx, id string, d *batchData) error {
+					ev := message.New("/order", "child.refused-step", nil)
+					ev.Subject = id
+					if err := outbox.Add(ctx, tx, "child.events", ev); err != nil {
+						return err
+					}
+					return Refuse(errors.New("no"))
+				}},
+			}}
+			if err := f.o.Register(child); err != nil {
+				t.Fatal(err)
+			}
+			parent := &Definition[batchData]{Name: "parent", Steps: []Step[batchData]{
+				{Name: "spawn", Local: func(ctx context.Context, tx sqldb.Tx, id string, d *batchData) error {
+					return child.StartTx(ctx, tx, f.o, id+"-child", batchData{})
+				}},
+				{Name: "reserve", Topic: "customer.commands", Command: "reserve"},
+			}}
+			if err := f.o.Register(parent); err != nil {
+				t.Fatal(err)
+			}
+			ctx := context.Background()
+			if err := f.db.InTx(ctx, func(ctx context.Context, tx sqldb.Tx) error {
+				return parent.StartManyTx(ctx, tx, f.o, []Start[batchData]{{ID: "p1"}, {ID: "p2"}})
+			}); err != nil {
+				t.Fatal(err)
+			}
+			var n int
+			if err := f.db.QueryRow(ctx, `SELECT count(*) FROM troupe_outbox WHERE topic = 'child.events'`).Scan(&n); err != nil {
+				t.Fatal(err)
+			}
+			if n != 0 {
+				t.Errorf("%d messages of refused (rolled back) child steps are in the outbox, want 0", n)
+			}
+		})
+	}
+}

@@ -64,7 +64,10 @@ type Step[D any] struct {
 
 	// Local runs a local step. Return Refuse(err) for a business refusal:
 	// its writes are undone and the saga compensates; any other error
-	// rolls the transition back, to be retried.
+	// rolls the transition back, to be retried. Messages it adds with
+	// outbox.Add(ctx, tx, ...) may be kept for one insert with the rest of
+	// a batch (outbox.Defer): a refusal takes them back with its writes,
+	// but a rollback to a savepoint of the step's own does not.
 	Local func(ctx context.Context, tx sqldb.Tx, sagaID string, data *D) error
 	// UndoLocal compensates a completed local step (nil: nothing to undo).
 	UndoLocal func(ctx context.Context, tx sqldb.Tx, sagaID string, data *D) error

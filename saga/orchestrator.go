@@ -479,9 +479,13 @@ func (o *Orchestrator) runLocal(ctx context.Context, tx sqldb.Tx, in *instance,
 	if err := sqldb.ExecLater(ctx, tx, "SAVEPOINT troupe_saga_step"); err != nil {
 		return nil, nil, fmt.Errorf("saga: savepoint: %w", err)
 	}
-	held := 0 // the batch's messages before f's
-	if in.batch != nil {
-		held = in.batch.outbox.Len()
+	// The messages that outbox.Add keeps for later in this transaction (a
+	// batch's, this saga's or one that started it) before f's: a refusal
+	// drops f's with its other writes.
+	deferred := outbox.DeferredFrom(ctx, tx)
+	held := 0
+	if deferred != nil {
+		held = deferred.Len()
 	}
 	data, ferr := f(ctx, tx, in.id, in.data)
 	var r *refusal
@@ -489,8 +493,8 @@ func (o *Orchestrator) runLocal(ctx context.Context, tx sqldb.Tx, in *instance,
 		if _, err := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT troupe_saga_step"); err != nil {
 			return nil, nil, fmt.Errorf("saga: roll back a refused step: %w", err)
 		}
-		if in.batch != nil {
-			in.batch.outbox.Truncate(held) // f's messages, deferred, go too
+		if deferred != nil {
+			deferred.Truncate(held)
 		}
 		if r != nil {
 			return nil, r.err, nil
@@ -795,7 +799,8 @@ func (o *Orchestrator) cancelDeadline(ctx context.Context, tx sqldb.Tx, in *inst
 // except that the messages they add to the outbox (the commands, and those
 // a local step adds with outbox.Add and the ctx it is given) are inserted
 // together at the end, in the order added (see outbox.Defer); a local
-// step that refuses takes its messages back with its other writes.
+// step that refuses takes its messages back with its other writes (not a
+// rollback to a savepoint of the step's own).
 // Several replies to one saga are applied in turn to the one row.
 //
 // It fails, and writes nothing, when one of the replies is malformed or is
